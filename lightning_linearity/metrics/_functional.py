@@ -1,0 +1,150 @@
+"""Shared plumbing for the metrics: functional forward passes, structure detection, input checks.
+
+Every metric sees the model as a pure function ``f(w, x) -> (n, k)`` of its trainable parameters ``w``
+(MATH.md section 2: "w means every trainable parameter of the model"). ``torch.func.functional_call``
+evaluates the model at detached copies of ``w``, so no metric touches ``.grad``, the parameters, the
+train/eval mode or torch's global random state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from lightning_linearity.nets.network import LayeredNTKNet
+
+Params = dict[str, Tensor]
+
+
+def trainable_parameters(model: nn.Module) -> Params:
+    """Detached copies (same storage, no autograd history) of every parameter with ``requires_grad``."""
+    params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError(
+            f"{type(model).__name__} has no trainable parameters (none with requires_grad=True); "
+            f"the linearity metrics are derivatives with respect to them"
+        )
+    return params
+
+
+def num_parameters(params: Params) -> int:
+    return sum(p.numel() for p in params.values())
+
+
+def as_2d_output(out: Tensor, n: int) -> Tensor:
+    """View a model output as (n, k): (n,) becomes (n, 1); trailing dimensions are flattened."""
+    if out.dim() == 0 or out.shape[0] != n:
+        raise ValueError(
+            f"the model maps a batch of {n} inputs to an output of shape {tuple(out.shape)}; "
+            f"the metrics need a model mapping (n, ...) to (n, k)"
+        )
+    return out.reshape(n, -1)
+
+
+def functional_model(model: nn.Module) -> Callable[[Params, Tensor], Tensor]:
+    """``f(params, x) -> (n, k)``: the model evaluated at ``params`` (its buffers as they are)."""
+    buffers = dict(model.named_buffers())
+
+    def f(params: Params, x: Tensor) -> Tensor:
+        return as_2d_output(functional_call(model, (params, buffers), (x,)), x.shape[0])
+
+    return f
+
+
+def single_input_model(model: nn.Module) -> Callable[[Params, Tensor], Tensor]:
+    """``f(params, x_i) -> (k,)`` for one probe point, for ``vmap`` over probe points."""
+    f = functional_model(model)
+    return lambda params, xi: f(params, xi.unsqueeze(0)).squeeze(0)
+
+
+def as_layered_net(model: nn.Module) -> LayeredNTKNet | None:
+    """The package's own network behind ``model`` (for the structured fast paths), else ``None``.
+
+    A module qualifies if it is a :class:`LayeredNTKNet`, or exposes one as ``layered_net`` and promises
+    ``model(x) == model.layered_net(x)`` (the package's LightningModules do).
+    """
+    if isinstance(model, LayeredNTKNet):
+        return model
+    net = getattr(model, "layered_net", None)
+    return net if isinstance(net, LayeredNTKNet) else None
+
+
+def check_finite(value: Tensor, what: str) -> Tensor:
+    """Raise ``FloatingPointError`` naming ``what`` if ``value`` holds NaN or inf."""
+    if not torch.isfinite(value).all():
+        bad = int((~torch.isfinite(value)).sum().item())
+        raise FloatingPointError(
+            f"{what} has {bad} non-finite entries (NaN or inf); the model or its parameters have diverged"
+        )
+    return value
+
+
+def evaluate(model: nn.Module, x: Tensor) -> Tensor:
+    """``f(w; x)`` as (n, k), without autograd, with clear errors for a wrong input shape or non-finite output."""
+    params = trainable_parameters(model)
+    try:
+        with torch.no_grad():
+            out = functional_model(model)(params, x)
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(
+            f"{type(model).__name__} could not be evaluated on probe inputs of shape {tuple(x.shape)}: {err}"
+        ) from err
+    return check_finite(out, "the model output on the probe inputs")
+
+
+def check_differentiable(model: nn.Module, x: Tensor) -> None:
+    """Raise ``ValueError`` if the output does not depend differentiably on the trainable parameters."""
+    params = {name: p.requires_grad_() for name, p in trainable_parameters(model).items()}
+    with torch.enable_grad():
+        out = functional_model(model)(params, x[:1])
+    if out.grad_fn is None:
+        raise ValueError(
+            f"the output of {type(model).__name__} does not depend differentiably on its trainable "
+            f"parameters (no autograd graph: detach(), argmax or integer ops in forward?)"
+        )
+
+
+def resolve_layer(model: nn.Module, layer: int | str) -> tuple[str, str]:
+    """Find the submodule whose output is the pre-activation of ``layer``.
+
+    For the package's networks ``layer`` is a hidden-layer index 1..L, ``"layer_l"`` or a module name; for
+    any other model it is the name of a submodule (as in ``model.named_modules()``) whose output is the
+    pre-activation of interest. Returns ``(qualified module name, display name)``.
+    """
+    net = as_layered_net(model)
+    if net is not None:
+        index = net.resolve_hidden_layer(layer)
+        prefix = next(name for name, module in model.named_modules() if module is net)
+        qualified = f"{prefix}.layers.{index - 1}" if prefix else f"layers.{index - 1}"
+        return qualified, f"layer_{index}"
+    names = [name for name, _ in model.named_modules() if name]
+    if not isinstance(layer, str) or layer not in names:
+        raise ValueError(f"unknown layer {layer!r} of {type(model).__name__}; valid submodule names: {names}")
+    return layer, layer
+
+
+def layer_output_model(model: nn.Module, layer: int | str) -> Callable[[Params, Tensor], Tensor]:
+    """``g(params, x) -> (n, m_l)``: the output of the resolved layer (its pre-activations), functionally.
+
+    The output is captured by a forward hook during ``functional_call``, so it works under ``vmap`` and
+    ``torch.func`` transforms; the hook is removed before returning.
+    """
+    qualified, _ = resolve_layer(model, layer)
+    module = model.get_submodule(qualified)
+    buffers = dict(model.named_buffers())
+
+    def g(params: Params, x: Tensor) -> Tensor:
+        captured: list[Tensor] = []
+        handle = module.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        try:
+            functional_call(model, (params, buffers), (x,))
+        finally:
+            handle.remove()
+        if len(captured) != 1:
+            raise ValueError(f"layer {qualified!r} ran {len(captured)} times in one forward pass; expected once")
+        return as_2d_output(captured[0], x.shape[0])
+
+    return g

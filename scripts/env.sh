@@ -15,8 +15,16 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "[env] installing torch 2.13.0 (CPU) and lightning-linearity[dev] into $venv" >&2
-    "$venv/bin/python" -m pip install -q --disable-pip-version-check "torch==2.13.0"
-    "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$root[dev]"
+    pip_install() {  # quiet, minus the noise of this machine's local package mirrors
+        local log rc=0
+        log="$(mktemp)"
+        "$venv/bin/python" -m pip install -q --disable-pip-version-check "$@" >"$log" 2>&1 || rc=$?
+        grep -v "is ignored" "$log" >&2 || true
+        rm -f "$log"
+        return "$rc"
+    }
+    pip_install "torch==2.13.0"
+    pip_install -e "$root[dev]"
     echo "$want" > "$stamp"
 fi
 export PATH="$venv/bin:$PATH"

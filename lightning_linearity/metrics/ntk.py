@@ -1,0 +1,388 @@
+"""Empirical neural tangent kernel (MATH.md section 2.1; 004 Eq. 17).
+
+    K[(i,a),(j,b)] = < d f_a(w; x_i)/dw , d f_b(w; x_j)/dw >        shape (n*k, n*k), index i*k + a
+
+``x2`` gives the cross kernel K[(i,a),(j,b)] with x_i from ``x`` and x_j from ``x2`` (shape (n1*k, n2*k)),
+e.g. a row block K[x_rank, x_all] when probes are split across DDP ranks.
+
+Two paths compute the same numbers (the tests check both against an explicit Jacobian):
+
+* ``"structured"`` (the package's :class:`LayeredNTKNet`, MATH.md section 3). A weight W_l[r,s] enters only
+  through z_l[r] = (sum_s M_l[r,s] W_l[r,s] c_l[s] + b_l[r]) / sqrt(deg_l[r]), so with the backpropagated
+  deltas D_l[i,a,r] = d f_a(x_i) / d z_l[r]
+
+      K = sum_l sum_r D_l[i,a,r] D_l[j,b,r] / deg_l[r] * (sum_s M_l[r,s] c_l[i,s] c_l[j,s] [+ 1 with a bias]).
+
+  Without a mask the bracket is the Gram matrix C_l C_l^T (+ 1), the same for every neuron, and layer l
+  contributes (C_l C_l^T + 1) ⊙ (D_l diag(1/deg_l) D_l^T) (broadcast over the outputs a, b). With a mask the
+  bracket is a per-neuron Gram matrix, computed as one GEMM (c_i ⊙ c_j) @ M_l^T over chunks of probe
+  pairs. The deltas come from one batched backward recursion over the k output basis vectors (plain
+  matmuls with the effective weights, sigma' in closed form); the n-by-P Jacobian is never formed.
+* ``"generic"`` (any ``nn.Module``, via ``torch.func``): ``generic_impl="jacobian"`` contracts per-probe
+  Jacobians ``vmap(jacrev(f))`` block by block; ``generic_impl="ntk_vp"`` is the NTK-vector-product method of
+  the torch.func "neural tangent kernels" tutorial: a vjp per probe of ``x`` with the k output basis
+  vectors gives J(x_i)^T e_a, and one jvp of the whole ``x2`` batch along it gives the row
+  K[(i,a), :] = J(x2) J(x_i)^T e_a, so no Jacobian of ``x2`` is ever stored or recomputed. The generic path
+  treats probe points independently (``vmap`` over single inputs), as MATH.md's definition does.
+
+``"auto"`` takes the structured path whenever the model allows it and the generic one otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import jacrev, jvp, vjp, vmap
+
+from lightning_linearity.metrics._functional import (
+    Params,
+    as_layered_net,
+    check_differentiable,
+    check_finite,
+    evaluate,
+    functional_model,
+    num_parameters,
+    single_input_model,
+    trainable_parameters,
+)
+from lightning_linearity.nets.dag import dense_source_sizes
+from lightning_linearity.nets.layers import NTKLinear
+from lightning_linearity.nets.network import LayeredNTKNet, NetworkTrace
+
+Method = Literal["auto", "structured", "generic"]
+GenericImpl = Literal["jacobian", "ntk_vp"]
+
+#: Elements in the largest intermediate a chunk may create when ``chunk_size`` is None
+#: (2**27 elements = 512 MiB in float32).
+DEFAULT_CHUNK_ELEMENTS = 2**27
+
+_STRUCTURED_SUBMODULES = (nn.ModuleList, NTKLinear)
+
+
+def empirical_ntk(
+    model: nn.Module,
+    x: Tensor,
+    x2: Tensor | None = None,
+    *,
+    method: Method = "auto",
+    generic_impl: GenericImpl = "jacobian",
+    chunk_size: int | None = None,
+) -> Tensor:
+    """The empirical NTK of ``model`` on the probe inputs ``x`` (MATH.md 2.1).
+
+    Args:
+        model: any ``nn.Module`` mapping (n, ...) to (n, k) (an (n,) output counts as k = 1); "w" is every
+            parameter with ``requires_grad``.
+        x: probe inputs, shape (n, ...), on the model's device and in its dtype.
+        x2: optional second probe set; then the cross kernel between ``x`` and ``x2`` is returned.
+        method: ``"structured"`` (the package's networks only; raises ``ValueError`` otherwise),
+            ``"generic"`` (``torch.func``, any module) or ``"auto"`` (structured when possible).
+        generic_impl: ``"jacobian"`` (Jacobian contraction) or ``"ntk_vp"`` (NTK-vector products);
+            only used on the generic path.
+        chunk_size: probe points of ``x`` processed at once (generic path; structured path with masked
+            layers). ``None`` sizes chunks so that no intermediate exceeds ``DEFAULT_CHUNK_ELEMENTS``.
+
+    Returns:
+        K of shape (n*k, n*k) with row/column index i*k + a, symmetric positive semi-definite; or the
+        cross kernel of shape (n1*k, n2*k). Dtype and device follow the model output.
+
+    Raises:
+        ValueError: unknown ``method``/``generic_impl``, bad ``chunk_size``, no trainable parameters, probe
+            inputs the model cannot take (wrong trailing shape), ``x2`` shaped unlike ``x``, an output that
+            does not depend differentiably on the parameters, or ``method="structured"`` on a model it
+            cannot handle (the message says why).
+        FloatingPointError: NaN or inf in the model output or in K.
+    """
+    if method not in ("auto", "structured", "generic"):
+        raise ValueError(f"method must be 'auto', 'structured' or 'generic', got {method!r}")
+    if generic_impl not in ("jacobian", "ntk_vp"):
+        raise ValueError(f"generic_impl must be 'jacobian' or 'ntk_vp', got {generic_impl!r}")
+    check_chunk_size(chunk_size)
+    check_probes(x, x2)
+    params = trainable_parameters(model)
+    net = structured_net(model, required=method == "structured") if method != "generic" else None
+    if net is not None:
+        kernel = _structured_ntk(net, x, x2, chunk_size)
+    else:
+        kernel = _generic_ntk(model, params, x, x2, generic_impl, chunk_size)
+    return check_finite(kernel, "the empirical NTK")
+
+
+# ----------------------------------------------------------------------------------------- checks
+def check_chunk_size(chunk_size: int | None) -> None:
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be None or a positive integer, got {chunk_size!r}")
+
+
+def check_probes(x: Tensor, x2: Tensor | None = None) -> None:
+    """``x`` (and ``x2``) must hold at least one probe point; ``x2`` must be shaped like ``x`` past dim 0."""
+    for name, probes in (("x", x), ("x2", x2)):
+        if probes is None:
+            continue
+        if not isinstance(probes, Tensor) or probes.dim() < 1 or probes.shape[0] < 1:
+            shape = tuple(probes.shape) if isinstance(probes, Tensor) else type(probes).__name__
+            raise ValueError(f"{name} must be a tensor of shape (n, ...) with n >= 1 probes, got {shape}")
+    if x2 is not None and x2.shape[1:] != x.shape[1:]:
+        raise ValueError(
+            f"x2 has shape {tuple(x2.shape)} but x has {tuple(x.shape)}: both need the same trailing shape"
+        )
+
+
+def structured_net(model: nn.Module, *, required: bool) -> LayeredNTKNet | None:
+    """The :class:`LayeredNTKNet` behind ``model`` if the structured formulas apply to it, else ``None``.
+
+    With ``required=True`` the reason is raised as ``ValueError`` instead of returning ``None``: the model
+    is not one of the package's networks, its class overrides ``forward``/``trace``, or it contains a module
+    other than :class:`NTKLinear` layers (BatchNorm, dropout, a custom layer: the factorisation assumes
+    NTK-linear layers acting on every probe independently).
+    """
+    net = as_layered_net(model)
+    if net is None:
+        reason = (
+            f"{type(model).__name__} is not one of the package's networks (a LayeredNTKNet, or a module "
+            f"exposing one as `layered_net`)"
+        )
+    elif type(net).forward is not LayeredNTKNet.forward or type(net).trace is not LayeredNTKNet.trace:
+        reason = f"{type(net).__name__} overrides forward/trace of LayeredNTKNet"
+    else:
+        foreign = [
+            f"{name} ({type(module).__name__})"
+            for name, module in net.named_modules()
+            if module is not net and type(module) not in _STRUCTURED_SUBMODULES
+        ]
+        reason = (
+            f"the network contains modules other than NTKLinear layers: {', '.join(foreign)}; the per-layer "
+            f"factorisation needs NTK-linear layers acting on each probe independently (no BatchNorm)"
+            if foreign
+            else None
+        )
+    if reason is None:
+        return net
+    if required:
+        raise ValueError(f"method='structured' cannot handle this model: {reason}. Use method='generic'.")
+    return None
+
+
+# ----------------------------------------------------------------------------------------- structured
+def trace_net(net: LayeredNTKNet, x: Tensor) -> NetworkTrace:
+    """``net.trace(x)`` without autograd; a bad input shape or dtype raises ValueError, NaN/inf an error."""
+    try:
+        with torch.no_grad():
+            trace = net.trace(x)
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(
+            f"{type(net).__name__} could not be evaluated on probe inputs of shape {tuple(x.shape)}: {err}"
+        ) from err
+    check_finite(trace.output, "the model output on the probe inputs")
+    return trace
+
+
+def source_columns(net: LayeredNTKNet, layer: int) -> list[tuple[int, slice]]:
+    """What layer ``layer`` (1-based) reads: ``(j, columns of c_l)`` per source h_j, with j = 0 for x."""
+    if net.connectivity == "chain":
+        return [(layer - 1, slice(0, net.layers[layer - 1].in_features))]
+    sizes = dense_source_sizes(net.in_features, net.hidden_widths, layer)  # h_{l-1}, ..., h_1, x
+    columns, start = [], 0
+    for j, size in zip(range(layer - 1, -1, -1), sizes, strict=True):
+        columns.append((j, slice(start, start + size)))
+        start += size
+    return columns
+
+
+def backpropagate(net: LayeredNTKNet, trace: NetworkTrace, top: int, seed: Tensor) -> list[Tensor]:
+    """Deltas of the q functions ``seed @ z_top`` with respect to the pre-activations of layers 1..top.
+
+    ``seed`` has shape (q, m_top); returns D_1..D_top with D_l[i, p, r] = d (seed[p] . z_top(x_i)) / d z_l[r],
+    shape (n, q, m_l), by the chain rule through the effective weights A_l = M_l ⊙ W_l / sqrt(deg_l):
+
+        dF/dh_j = sum_{l reads h_j} D_l A_l[:, cols(j)],        D_j = dF/dh_j ⊙ sigma'(z_j).
+
+    ``top = L+1`` with the identity seed gives d f_a / d z_l for the NTK; ``top = l`` with rows of the
+    identity gives the neuron Jacobians J_{l,k} = d z_l / d z_k of the cosine Gram (MATH.md section 3).
+    """
+    n = trace.inputs[0].shape[0]
+    deltas: dict[int, Tensor] = {top: seed.expand(n, *seed.shape)}
+    grad_post: dict[int, Tensor] = {}
+    with torch.no_grad():
+        for l in range(top, 0, -1):
+            if l < top:
+                z = trace.preactivations[l - 1]
+                deltas[l] = grad_post.pop(l) * net.activation.derivative(z).unsqueeze(1)
+            layer = net.layers[l - 1]
+            scaled = layer.effective_weight() * layer.in_degree.rsqrt().to(seed.dtype).unsqueeze(1)
+            for j, cols in source_columns(net, l):
+                if j == 0:
+                    continue
+                contribution = deltas[l] @ scaled[:, cols]
+                grad_post[j] = grad_post[j] + contribution if j in grad_post else contribution
+    return [deltas[l] for l in range(1, top + 1)]
+
+
+def trainable_flags(layer: NTKLinear) -> tuple[bool, bool]:
+    """Whether the layer's weight and its bias count as parameters w (``requires_grad``)."""
+    return layer.weight.requires_grad, layer.bias is not None and layer.bias.requires_grad
+
+
+def input_products(layer: NTKLinear, products: Tensor, weight: bool, bias: bool) -> Tensor:
+    """``(sum_s M[r,s] p[..., s]  + 1[bias]) / deg[r]`` for products p = c_i ⊙ c_j of shape (..., in).
+
+    The inner product of neuron r's private parameter gradients for two probes i, j (up to the deltas):
+    the weight row contributes sum_s M[r,s] c_i[s] c_j[s] / deg[r], the bias 1 / deg[r]. ``weight``/``bias``
+    say which of them are trainable. Returns shape (..., out).
+    """
+    if not weight:
+        summed = products.new_zeros(*products.shape[:-1], layer.out_features)
+    elif layer.mask is None:
+        summed = products.sum(dim=-1, keepdim=True).expand(*products.shape[:-1], layer.out_features)
+    else:
+        summed = products @ layer.mask.to(products.dtype).T
+    if bias:
+        summed = summed + 1.0
+    return summed / layer.in_degree.to(products.dtype)
+
+
+def _structured_ntk(net: LayeredNTKNet, x: Tensor, x2: Tensor | None, chunk_size: int | None) -> Tensor:
+    trace1 = trace_net(net, x)
+    k = net.out_features
+    identity = torch.eye(k, dtype=trace1.output.dtype, device=trace1.output.device)
+    deltas1 = backpropagate(net, trace1, net.depth + 1, identity)
+    if x2 is None:
+        trace2, deltas2 = trace1, deltas1
+    else:
+        trace2 = trace_net(net, x2)
+        deltas2 = backpropagate(net, trace2, net.depth + 1, identity)
+    n1, n2 = x.shape[0], trace2.output.shape[0]
+    kernel = trace1.output.new_zeros(n1, k, n2, k)
+    with torch.no_grad():
+        for layer, c1, c2, d1, d2 in zip(
+            net.layers, trace1.inputs, trace2.inputs, deltas1, deltas2, strict=True
+        ):
+            weight, bias = trainable_flags(layer)
+            if not (weight or bias):
+                continue
+            if layer.mask is None:
+                _add_dense_layer_kernel(kernel, layer, c1, c2, d1, d2, weight, bias)
+            else:
+                _add_masked_layer_kernel(kernel, layer, c1, c2, d1, d2, weight, bias, chunk_size)
+    kernel = kernel.reshape(n1 * k, n2 * k)
+    if x2 is None:  # exact symmetry (the two triangles differ by rounding only)
+        kernel = 0.5 * (kernel + kernel.T)
+    return kernel
+
+
+def _add_dense_layer_kernel(
+    kernel: Tensor, layer: NTKLinear, c1: Tensor, c2: Tensor, d1: Tensor, d2: Tensor, weight: bool, bias: bool
+) -> None:
+    """K += (C1 C2^T + 1) ⊙ (D1 diag(1/deg) D2^T): one Gram matrix of inputs shared by all neurons."""
+    n1, k, m = d1.shape
+    n2 = d2.shape[0]
+    inputs_gram = c1 @ c2.T if weight else c1.new_zeros(n1, n2)
+    if bias:
+        inputs_gram = inputs_gram + 1.0
+    deltas_gram = (d1 / layer.in_degree.to(d1.dtype)).reshape(n1 * k, m) @ d2.reshape(n2 * k, m).T
+    kernel += deltas_gram.view(n1, k, n2, k) * inputs_gram[:, None, :, None]
+
+
+def _add_masked_layer_kernel(
+    kernel: Tensor,
+    layer: NTKLinear,
+    c1: Tensor,
+    c2: Tensor,
+    d1: Tensor,
+    d2: Tensor,
+    weight: bool,
+    bias: bool,
+    chunk_size: int | None,
+) -> None:
+    """K[i,a,j,b] += sum_r D1[i,a,r] D2[j,b,r] Q[i,j,r], Q = input_products(c1_i ⊙ c2_j), chunked over i."""
+    n1, k, m = d1.shape
+    n2 = d2.shape[0]
+    per_row = n2 * max(layer.in_features, k * m)
+    for rows in _chunks(n1, chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // per_row)):
+        products = c1[rows, None, :] * c2[None, :, :]  # (b, n2, in)
+        weights = input_products(layer, products, weight, bias)  # (b, n2, m)
+        weighted = (weights.unsqueeze(2) * d2.unsqueeze(0)).reshape(-1, n2 * k, m)  # (b, n2*k, m)
+        kernel[rows] += torch.bmm(d1[rows], weighted.transpose(1, 2)).view(-1, k, n2, k)
+
+
+def _chunks(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+# ----------------------------------------------------------------------------------------- generic
+def _generic_ntk(
+    model: nn.Module, params: Params, x: Tensor, x2: Tensor | None, impl: GenericImpl, chunk_size: int | None
+) -> Tensor:
+    k = evaluate(model, x).shape[1]
+    n2 = x.shape[0] if x2 is None else evaluate(model, x2).shape[0]
+    check_differentiable(model, x)
+    per_point = k * num_parameters(params)
+    if impl == "ntk_vp":
+        chunk = chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // per_point)
+        other = x if x2 is None else x2
+        rows = [_ntk_vp_rows(model, params, x[r], other) for r in _chunks(x.shape[0], chunk)]
+        kernel = torch.cat(rows).reshape(x.shape[0] * k, n2 * k)
+        return 0.5 * (kernel + kernel.T) if x2 is None else kernel
+    # two Jacobian blocks are alive at once
+    chunk = chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // (2 * per_point))
+    return _jacobian_contraction(model, params, x, x2, chunk)
+
+
+def _jacobian_rows(model: nn.Module, params: Params, x: Tensor) -> dict[str, Tensor]:
+    """J(x) per parameter tensor, each of shape (n*k, numel), by ``vmap(jacrev)`` over probe points."""
+    jac = vmap(jacrev(single_input_model(model)), in_dims=(None, 0))(params, x)
+    return {name: j.reshape(j.shape[0] * j.shape[1], -1) for name, j in jac.items()}
+
+
+def _contract(jac1: dict[str, Tensor], jac2: dict[str, Tensor]) -> Tensor:
+    return sum(jac1[name] @ jac2[name].T for name in jac1)
+
+
+def _jacobian_contraction(
+    model: nn.Module, params: Params, x: Tensor, x2: Tensor | None, chunk: int
+) -> Tensor:
+    """K = J(x) J(x2)^T block by block; each block's Jacobian is (re)computed when it is needed."""
+    other = x if x2 is None else x2
+    blocks1, blocks2 = list(_chunks(x.shape[0], chunk)), list(_chunks(other.shape[0], chunk))
+    rows = []
+    for a, r1 in enumerate(blocks1):
+        jac1 = _jacobian_rows(model, params, x[r1])
+        row = []
+        for b, r2 in enumerate(blocks2):
+            if x2 is None and b < a:  # symmetric: reuse the transposed block of an earlier row
+                row.append(rows[b][a].T)
+            else:
+                same = x2 is None and a == b
+                row.append(_contract(jac1, jac1 if same else _jacobian_rows(model, params, other[r2])))
+        rows.append(row)
+    return torch.cat([torch.cat(row, dim=1) for row in rows], dim=0)
+
+
+def _ntk_vp_rows(model: nn.Module, params: Params, x_rows: Tensor, x2: Tensor) -> Tensor:
+    """K[(i,a), (j,b)] for the probes ``x_rows`` against all of ``x2``, shape (b, k, n2, k).
+
+    vjp: J(x_i)^T e_a for each probe i and output a (vmap over probes and the basis e_1..e_k); jvp: the
+    tangent of f(w; x2) along each of them, J(x2) J(x_i)^T e_a (vmap over the b*k tangents).
+    """
+    f1 = single_input_model(model)
+    f = functional_model(model)
+
+    def pullbacks(xi: Tensor) -> Params:
+        out, vjp_fn = vjp(lambda p: f1(p, xi), params)
+        basis = torch.eye(out.shape[0], dtype=out.dtype, device=out.device)
+        return vmap(vjp_fn)(basis)[0]
+
+    tangents = vmap(pullbacks)(x_rows)  # name -> (b, k, *shape)
+    b, k = next(iter(tangents.values())).shape[:2]
+    flat = {name: t.reshape(b * k, *t.shape[2:]) for name, t in tangents.items()}
+
+    def push(tangent: Params) -> Tensor:
+        return jvp(lambda p: f(p, x2), (params,), (tangent,))[1]
+
+    return vmap(push)(flat).reshape(b, k, x2.shape[0], -1)

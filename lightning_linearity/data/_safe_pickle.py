@@ -3,9 +3,11 @@
 A pickle can call any importable function while it loads, so ``pickle.load`` on a file from the internet
 is arbitrary code execution. A CIFAR-10 batch is a dict of bytes, ints, lists and one NumPy array; the only
 globals it needs are NumPy's array reconstruction (``numpy.core.multiarray._reconstruct``, named
-``numpy._core.multiarray._reconstruct`` by NumPy 2), ``numpy.ndarray`` and ``numpy.dtype``. Pickles written
-by Python 3 with protocol <= 2 also encode ``bytes`` through ``_codecs.encode(text, "latin1")``, which is
-allowed in a form that can only do exactly that. Every other global is refused before it is looked up.
+``numpy._core.multiarray._reconstruct`` by NumPy 2), ``numpy.ndarray`` and ``numpy.dtype``. Two more cover
+copies re-pickled by Python 3: protocol 5 rebuilds arrays with ``numpy.core.numeric._frombuffer`` (a
+``frombuffer`` plus ``reshape``), and protocols <= 2 encode ``bytes`` through ``_codecs.encode(text,
+"latin1")``, which is allowed in a form that can only do exactly that. Every other global is refused
+before it is looked up, so nothing else is imported or called.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-# The C function numpy pickles arrays with, whatever module name this numpy version gives it.
+# The functions numpy pickles arrays with, whatever module name this numpy version gives them.
 _reconstruct = np.zeros(0).__reduce__()[0]
+_frombuffer = np.zeros(0).__reduce_ex__(5)[0]
 
 
 def _latin1_encode(text: object, encoding: object = "latin1", errors: object = "strict") -> bytes:
@@ -31,6 +34,8 @@ def _latin1_encode(text: object, encoding: object = "latin1", errors: object = "
 _ALLOWED_GLOBALS: dict[tuple[str, str], object] = {
     ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy.core.numeric", "_frombuffer"): _frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _frombuffer,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
     ("_codecs", "encode"): _latin1_encode,

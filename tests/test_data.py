@@ -305,9 +305,10 @@ def test_gaussian_inputs_are_standard_normal():
     torch.testing.assert_close(torch.cov(x.T), torch.eye(8, dtype=torch.float64), atol=0.06, rtol=0)
 
 
-def test_gaussian_splits_are_independent_streams():
-    small = GaussianDataModule(num_samples=10, num_val=4)
-    large = GaussianDataModule(num_samples=20, num_val=9)
+@pytest.mark.parametrize("kwargs", [{}, {"noise": 0.3}, {"labels": "random"}])
+def test_gaussian_splits_are_independent_streams(kwargs):
+    small = GaussianDataModule(num_samples=10, num_val=4, **kwargs)
+    large = GaussianDataModule(num_samples=20, num_val=9, **kwargs)
     assert torch.equal(large.train_split.x[:10], small.train_split.x)
     assert torch.equal(large.train_split.y[:10], small.train_split.y)
     assert torch.equal(large.val_split.x[:4], small.val_split.x)

@@ -13,9 +13,11 @@ from lightning_linearity.data._preprocess import check_choice, check_int
 
 Labels = Literal["teacher", "random"]
 
-# Independent random streams: np.random.default_rng([seed, stream]). Each split has its own stream, so
-# num_samples=20 extends num_samples=10 and changing num_val never changes the training points.
+# Independent random streams: np.random.default_rng([seed, stream]) for the teacher and for each split's
+# inputs, np.random.default_rng([seed, stream, _TARGETS]) for that split's noise or random targets. So
+# num_samples=20 extends num_samples=10 (inputs and targets) and num_val never changes the training points.
 _TEACHER, _TRAIN, _VAL, _TEST = 0, 1, 2, 3
+_TARGETS = 1
 
 
 def teacher_network(x: np.ndarray, w: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -47,9 +49,11 @@ class GaussianDataModule(InMemoryDataModule):
       splits.
     - ``labels="random"``: i.i.d. N(0, 1) targets, independent of x (pure memorisation).
 
-    The splits are independent draws, each from its own ``numpy.random.default_rng([seed, split])``
-    stream, so a larger ``num_samples`` extends the training set without changing its first points.
-    Inputs are not normalised (they already satisfy the assumption).
+    Random streams: the teacher's W, then V, come from ``numpy.random.default_rng([seed, 0])``; the inputs
+    of the train / val / test splits from ``default_rng([seed, s])`` with s = 1 / 2 / 3, and their noise or
+    random targets from ``default_rng([seed, s, 1])``. So the splits are independent and a larger
+    ``num_samples`` extends the training set without changing its first points. Inputs are not normalised
+    (they already satisfy the assumption).
 
     Args:
         in_features: input dimension d.
@@ -109,12 +113,9 @@ class GaussianDataModule(InMemoryDataModule):
         v = teacher_rng.standard_normal((k, self.teacher_width))
         splits = []
         for stream, n in ((_TRAIN, self.num_samples), (_VAL, self.num_val), (_TEST, self.num_test)):
-            rng = np.random.default_rng([self.seed, stream])
-            x = rng.standard_normal((n, d))
-            if self.labels == "teacher":
-                y = teacher_network(x, w, v) + self.noise * rng.standard_normal((n, k))
-            else:
-                y = rng.standard_normal((n, k))
+            x = np.random.default_rng([self.seed, stream]).standard_normal((n, d))
+            eps = np.random.default_rng([self.seed, stream, _TARGETS]).standard_normal((n, k))
+            y = teacher_network(x, w, v) + self.noise * eps if self.labels == "teacher" else eps
             splits.append(
                 Split(torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.float32)))
             )

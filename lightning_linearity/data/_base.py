@@ -10,6 +10,7 @@ import torch
 from pytorch_lightning import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
+from typing_extensions import override
 
 from lightning_linearity.data._preprocess import check_int
 
@@ -102,6 +103,7 @@ class InMemoryDataModule(LightningDataModule, ABC):
         """Build the (train, val, test) splits. Called once; must be deterministic in the arguments."""
 
     # ------------------------------------------------------------------------------------- splits
+    @override
     def setup(self, stage: str | None = None) -> None:
         """Materialise the splits (once; later calls, for any stage, reuse them)."""
         self._ensure_materialised()
@@ -163,18 +165,22 @@ class InMemoryDataModule(LightningDataModule, ABC):
             generator=generator,
         )
 
+    @override
     def train_dataloader(self) -> DataLoader | list:
         """Batches of the training split (reshuffled each epoch when ``shuffle`` and not ``full_batch``)."""
         return self._loader(self.train_split, train=True)
 
+    @override
     def val_dataloader(self) -> DataLoader | list:
         """Batches of the validation split, in a fixed order."""
         return self._loader(self.val_split, train=False)
 
+    @override
     def test_dataloader(self) -> DataLoader | list:
         """Batches of the test split, in a fixed order."""
         return self._loader(self.test_split, train=False)
 
+    @override
     def predict_dataloader(self) -> DataLoader | list:
         """Batches of the test split, in a fixed order (``(x, y)`` like every other loader)."""
         return self._loader(self.test_split, train=False)

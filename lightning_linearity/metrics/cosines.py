@@ -1,0 +1,198 @@
+"""Cosines between the parameter gradients of the neurons of one layer (MATH.md 2.5; 000 Theorem 3, Eq. 22).
+
+For hidden layer l and probe x, g_r = d z_l[r](w; x) / dw over all trainable parameters and
+
+    cos_rs = <g_r, g_s> / (||g_r|| ||g_s||),     metric = mean over probes and pairs r != s of |cos_rs|.
+
+Everything follows from the neuron-gradient Gram matrix G_l[r,s] = <g_r, g_s> of each probe.
+
+Structured path (the package's :class:`LayeredNTKNet`), no per-neuron backward pass. A parameter of layer
+k <= l reaches z_l only through z_k, and W_k[q,t] only through z_k[q], with
+d z_k[q] / d W_k[q,t] = M_k[q,t] c_k[t] / sqrt(deg_k[q]) (and 1 / sqrt(deg_k[q]) for the bias b_k[q]). With
+J_{l,k} = d z_l / d z_k (J_{l,l} = I) the chain rule gives
+
+    <g_r, g_s> = sum_{k<=l} sum_q J_{l,k}[r,q] J_{l,k}[s,q] * g_k[q],
+    g_k[q]     = ( sum_t M_k[q,t] c_k[t]^2  [+ 1 with a bias] ) / deg_k[q],
+
+i.e. G_l = sum_{k<=l} J_{l,k} diag(g_k) J_{l,k}^T. For an FCN (no mask, deg_k = fan_k, no bias) g_k is the
+constant ||c_k||^2 / fan_k and this is the formula of MATH.md section 3; the mask and the per-neuron
+in-degrees of DenseNets and DAGs only change g_k. The rows of J_{l,k} for the (sampled) neurons come from
+one batched backward recursion (see :func:`~lightning_linearity.metrics.ntk.backpropagate`), so the cost
+is that of backpropagating ``num_neurons`` vectors through layers l..1, for all probes at once.
+
+Generic path (any ``nn.Module``, the layer named by its submodule whose output is the pre-activation):
+per-probe Jacobians of the sampled neurons, ``vmap(jacrev)``, contracted to G per probe.
+
+Remark 4 of 000: neurons of the first hidden layer depend on private parameters only (row r of W_1), so
+their gradients are exactly orthogonal and the metric is 0 for layer 1 at any width.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import jacrev, vmap
+
+from lightning_linearity.metrics._functional import (
+    Params,
+    check_finite,
+    evaluate,
+    layer_output_model,
+    num_parameters,
+    trainable_parameters,
+)
+from lightning_linearity.metrics.ntk import (
+    DEFAULT_CHUNK_ELEMENTS,
+    backpropagate,
+    check_chunk_size,
+    check_probes,
+    input_products,
+    structured_net,
+    trace_net,
+    trainable_flags,
+)
+from lightning_linearity.nets.network import LayeredNTKNet
+
+Method = Literal["auto", "structured", "generic"]
+Reduction = Literal["mean", "none"]
+
+
+def neuron_gradient_cosines(
+    model: nn.Module,
+    x: Tensor,
+    layer: int | str,
+    *,
+    num_neurons: int | None = None,
+    generator: torch.Generator | None = None,
+    method: Method = "auto",
+    reduction: Reduction = "mean",
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Mean |cos| between the parameter gradients of the neurons of ``layer`` (MATH.md 2.5).
+
+    Args:
+        model: any ``nn.Module``; for the package's networks ``layer`` is a hidden layer 1..L (or
+            ``"layer_l"``); for other models, the name of the submodule whose output is the pre-activation.
+        x: probe inputs, shape (n, ...).
+        layer: the layer whose neurons z_l[r] are compared.
+        num_neurons: compare only a uniformly random subset of this many neurons (an unbiased estimate of
+            the mean over all pairs); ``None`` or at least the layer width means all neurons. The subset is
+            ``torch.randperm(width, generator=generator)[:num_neurons]``, the same for every probe.
+        generator: the source of the subset; ``None`` means a fixed seed (0), so the same neurons are
+            followed across calls (and ranks) and torch's global random state is never touched.
+        method: ``"structured"`` (the package's networks; ``ValueError`` otherwise), ``"generic"`` or
+            ``"auto"``.
+        reduction: ``"mean"``: a scalar, the mean over probes; ``"none"``: the per-probe mean over pairs,
+            shape (n,) (e.g. for probes split across DDP ranks, averaged afterwards).
+        chunk_size: probe points processed at once; ``None`` bounds the largest intermediate by
+            ``DEFAULT_CHUNK_ELEMENTS``.
+
+    Returns:
+        A scalar tensor (``reduction="mean"``) or shape (n,), dtype and device of the model output.
+
+    Raises:
+        ValueError: bad arguments, unknown layer, fewer than two neurons compared, no trainable parameters,
+            inputs the model cannot take, a neuron whose gradient vanishes (its cosine is undefined), or
+            ``method="structured"`` on a model it cannot handle.
+        FloatingPointError: NaN or inf in the model output or the gradients.
+    """
+    if method not in ("auto", "structured", "generic"):
+        raise ValueError(f"method must be 'auto', 'structured' or 'generic', got {method!r}")
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    if num_neurons is not None and (
+        isinstance(num_neurons, bool) or not isinstance(num_neurons, int) or num_neurons < 2
+    ):
+        raise ValueError(f"num_neurons must be None or an integer >= 2 (a pair), got {num_neurons!r}")
+    check_chunk_size(chunk_size)
+    check_probes(x)
+    params = trainable_parameters(model)
+    net = structured_net(model, required=method == "structured") if method != "generic" else None
+    if net is not None:
+        index = net.resolve_hidden_layer(layer)
+        neurons = _neuron_subset(net.hidden_widths[index - 1], num_neurons, generator, x.device)
+        gram = _structured_gram(net, x, index, neurons, chunk_size)
+    else:
+        gram = _generic_gram(model, params, x, layer, num_neurons, generator, chunk_size)
+    per_probe = _mean_abs_cosine(check_finite(gram, f"the neuron-gradient Gram matrix of layer {layer!r}"))
+    return per_probe.mean() if reduction == "mean" else per_probe
+
+
+def _neuron_subset(
+    width: int, num_neurons: int | None, generator: torch.Generator | None, device: torch.device
+) -> Tensor:
+    if width < 2:
+        raise ValueError(f"the layer has {width} neuron; cosines need at least two")
+    if num_neurons is None or num_neurons >= width:
+        return torch.arange(width, device=device)
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    return torch.randperm(width, generator=generator, device=generator.device)[:num_neurons].to(device)
+
+
+def _mean_abs_cosine(gram: Tensor) -> Tensor:
+    """Per probe, the mean of |G_rs| / sqrt(G_rr G_ss) over pairs r != s; ``gram`` has shape (n, s, s)."""
+    energy = torch.diagonal(gram, dim1=1, dim2=2)
+    if (energy <= 0).any():
+        probe, neuron = (energy <= 0).nonzero()[0].tolist()
+        raise ValueError(
+            f"the gradient of neuron {neuron} (of those compared) vanishes at probe {probe}; its cosine with "
+            f"other neurons is undefined"
+        )
+    norms = energy.sqrt()
+    cosines = (gram / (norms.unsqueeze(2) * norms.unsqueeze(1))).abs()
+    torch.diagonal(cosines, dim1=1, dim2=2).zero_()  # only pairs r != s count
+    s = gram.shape[1]
+    return cosines.sum(dim=(1, 2)) / (s * (s - 1))
+
+
+def _structured_gram(
+    net: LayeredNTKNet, x: Tensor, index: int, neurons: Tensor, chunk_size: int | None
+) -> Tensor:
+    """G_l = sum_{k<=l} J_{l,k} diag(g_k) J_{l,k}^T for the rows ``neurons`` of J, per probe: (n, s, s)."""
+    widest = max(net.hidden_widths[:index])
+    chunk = chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // (len(neurons) * max(widest, net.in_features)))
+    grams = []
+    for start in range(0, x.shape[0], chunk):
+        trace = trace_net(net, x[start : start + chunk])
+        seed = torch.eye(net.hidden_widths[index - 1], dtype=trace.output.dtype, device=trace.output.device)
+        jacobians = backpropagate(net, trace, index, seed[neurons])  # J_{l,k}[neurons], k = 1..l
+        gram = trace.output.new_zeros(trace.output.shape[0], len(neurons), len(neurons))
+        with torch.no_grad():
+            for layer, c, jac in zip(net.layers[:index], trace.inputs[:index], jacobians, strict=True):
+                weight, bias = trainable_flags(layer)
+                if weight or bias:
+                    private = input_products(layer, c * c, weight, bias)  # g_k, (b, m_k)
+                    gram += (jac * private.unsqueeze(1)) @ jac.transpose(1, 2)
+        grams.append(gram)
+    return torch.cat(grams)
+
+
+def _generic_gram(
+    model: nn.Module,
+    params: Params,
+    x: Tensor,
+    layer: int | str,
+    num_neurons: int | None,
+    generator: torch.Generator | None,
+    chunk_size: int | None,
+) -> Tensor:
+    """<g_r, g_s> per probe from ``vmap(jacrev)`` of the sampled pre-activations: (n, s, s)."""
+    evaluate(model, x)  # clear errors for bad inputs and a non-finite output
+    pre_activation = layer_output_model(model, layer)
+    with torch.no_grad():
+        width = pre_activation(params, x[:1]).shape[1]
+    neurons = _neuron_subset(width, num_neurons, generator, x.device)
+
+    def sampled(p: Params, xi: Tensor) -> Tensor:
+        return pre_activation(p, xi.unsqueeze(0))[0, neurons]
+
+    per_probe = len(neurons) * num_parameters(params)
+    chunk = chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // per_probe)
+    jacobian = vmap(jacrev(sampled), in_dims=(None, 0))
+    grams = []
+    for start in range(0, x.shape[0], chunk):
+        jac = jacobian(params, x[start : start + chunk])  # name -> (b, s, *shape)
+        grams.append(sum(j.flatten(2) @ j.flatten(2).transpose(1, 2) for j in jac.values()))
+    return torch.cat(grams)

@@ -1,0 +1,226 @@
+"""Shared linear algebra for the metrics: batched symmetric eigen-solvers on matrix-free operators, chunking.
+
+A *batched operator* is a callable ``matvec(v, active) -> A v``: ``v`` has shape (b, P) and holds one vector
+for each batch element listed in ``active`` (a long tensor of indices into the batch of B independent
+symmetric P x P matrices A_1..A_B); the result has the same shape, row j being ``A_{active[j]} v[j]``. The
+solvers drop converged elements from ``active``, so a matvec is never spent on a finished problem, and they
+count the matvecs (one per active element per step) for the benchmarks.
+
+The Hessian of an NTK network's output is indefinite with a nearly +/- symmetric spectrum (MATH.md 2.4), so
+the largest-magnitude eigenvalue must come from Lanczos, not from Rayleigh-quotient power iteration, which
+stalls when the two extreme eigenvalues have nearly equal magnitude. :func:`power_iteration` is kept as the
+reference the benchmark and the tests compare against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+BatchedMatvec = Callable[[Tensor, Tensor], Tensor]
+
+
+class ConvergenceWarning(UserWarning):
+    """An iterative eigen-solver stopped at ``max_iter`` before meeting its tolerance."""
+
+
+@dataclass(frozen=True)
+class EigenResult:
+    """Largest-magnitude eigenvalue estimates of a batch of symmetric operators.
+
+    Attributes:
+        eigenvalue: (B,) the signed estimate theta of the eigenvalue of largest magnitude.
+        converged: (B,) bool, ``residual <= tol * |eigenvalue|`` (or the Krylov space was exhausted).
+        residual: (B,) the residual norm ||A y - theta y|| of the unit estimate y (Lanczos: its
+            three-term-recurrence value |beta_j s_j|). Some eigenvalue of A lies within it of theta.
+        iterations: (B,) matvecs spent on each element.
+        num_matvecs: total matvecs over the batch (``iterations.sum()``).
+
+    Both solvers raise ``FloatingPointError`` as soon as a product is non-finite.
+    """
+
+    eigenvalue: Tensor
+    converged: Tensor
+    residual: Tensor
+    iterations: Tensor
+    num_matvecs: int
+
+
+def check_solver_options(tol: float, max_iter: int) -> None:
+    """Raise ``ValueError`` unless ``tol > 0`` is a finite float and ``max_iter`` a positive integer."""
+    if isinstance(tol, bool) or not isinstance(tol, int | float) or not 0.0 < tol < float("inf"):
+        raise ValueError(f"tol must be a positive finite number, got {tol!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
+
+
+def chunk_slices(n: int, chunk_size: int | None) -> list[slice]:
+    """Consecutive slices covering ``range(n)``, each at most ``chunk_size`` long (one slice if ``None``)."""
+    if chunk_size is None:
+        return [slice(0, n)]
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+    return [slice(start, min(start + chunk_size, n)) for start in range(0, n, chunk_size)]
+
+
+def _check_finite_products(summary: Tensor) -> Tensor:
+    """Raise ``FloatingPointError`` if ``summary`` (an inner product or norm of the latest products, which
+    is non-finite whenever a product is) holds NaN or inf; else return it."""
+    if not torch.isfinite(summary).all():
+        raise FloatingPointError("a matrix-vector product of the operator is non-finite (NaN or inf)")
+    return summary
+
+
+def random_unit_vectors(
+    batch: int, dim: int, *, generator: torch.Generator, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """(batch, dim) rows drawn uniformly from the unit sphere with ``generator`` (never the global RNG).
+
+    The draw happens on the generator's device and is then moved to ``device``, so a CPU generator gives
+    the same start vectors on every device.
+    """
+    v = torch.randn(batch, dim, generator=generator, dtype=dtype, device=generator.device).to(device)
+    return v / torch.linalg.vector_norm(v, dim=-1, keepdim=True)
+
+
+def lanczos(
+    matvec: BatchedMatvec,
+    batch: int,
+    dim: int,
+    *,
+    generator: torch.Generator,
+    dtype: torch.dtype,
+    device: torch.device,
+    tol: float = 1e-6,
+    max_iter: int = 100,
+) -> EigenResult:
+    """Largest-magnitude eigenvalue of B symmetric operators by Lanczos with full reorthogonalisation.
+
+    For each element, with q_1 a random unit vector, step j computes
+
+        w = A q_j,  alpha_j = q_j^T w,  w <- w - Q_j (Q_j^T w) (twice),  beta_j = ||w||,  q_{j+1} = w / beta_j
+
+    so that Q_j^T A Q_j = T_j, the tridiagonal matrix with diagonal alpha and off-diagonal beta. With the
+    eigen-pairs (theta_i, s_i) of T_j, the Ritz value of largest magnitude theta = theta_* has the residual
+    ||A Q_j s_* - theta Q_j s_*|| = |beta_j * s_*[j]|, and the element stops when
+
+        |beta_j * s_*[j]| <= tol * |theta|
+
+    (then some eigenvalue of A lies within ``tol * |theta|`` of theta), or when the Krylov space is exhausted
+    (j = dim, or beta_j = 0: T_j's eigenvalues are then exact). Ritz values lie inside the spectrum, so
+    |theta| never exceeds the true largest magnitude: a non-converged value is a lower bound.
+
+    Args:
+        matvec: the batched operator, see the module docstring.
+        batch: B, the number of independent operators.
+        dim: P, their dimension.
+        generator: source of the random start vectors.
+        dtype, device: of the Krylov vectors (those ``matvec`` takes and returns).
+        tol: relative residual tolerance (> 0).
+        max_iter: at most this many matvecs per element (capped at ``dim``).
+
+    The small tridiagonal eigenproblems are solved in float64 on the CPU (one host sync per step, which
+    the stopping test needs anyway).
+    """
+    check_solver_options(tol, max_iter)
+    steps = min(max_iter, dim)
+    q = random_unit_vectors(batch, dim, generator=generator, dtype=dtype, device=device)
+    basis = torch.empty(batch, min(steps, 16), dim, dtype=dtype, device=device)  # Q, grown on demand
+    alphas = torch.zeros(batch, steps, dtype=torch.float64)
+    betas = torch.zeros(batch, steps, dtype=torch.float64)
+    eigenvalue = torch.zeros(batch, dtype=torch.float64)
+    residual = torch.full((batch,), float("inf"), dtype=torch.float64)
+    converged = torch.zeros(batch, dtype=torch.bool)
+    iterations = torch.zeros(batch, dtype=torch.long)
+    active = torch.arange(batch)
+    for j in range(steps):
+        if j == basis.shape[1]:  # double the capacity of Q
+            grown = basis.new_empty(basis.shape[0], min(2 * j, steps), dim)
+            grown[:, :j] = basis
+            basis = grown
+        basis[:, j] = q
+        w = matvec(q, active.to(device))
+        alpha = (q * w).sum(dim=-1)
+        w = w - alpha[:, None] * q
+        Q = basis[:, : j + 1]
+        w = w.unsqueeze(1)
+        for _ in range(2):  # "twice is enough" (Kahan–Parlett) for full reorthogonalisation
+            # row-vector products (1 x P)(P x j) read Q contiguously: several times faster than Q @ w
+            w = torch.baddbmm(w, torch.bmm(w, Q.transpose(1, 2)), Q, alpha=-1)
+        w = w.squeeze(1)
+        beta = torch.linalg.vector_norm(w, dim=-1)
+        alphas[active, j] = _check_finite_products(alpha.to("cpu", torch.float64))
+        betas[active, j] = _check_finite_products(beta.to("cpu", torch.float64))
+        iterations[active] += 1
+
+        a, b = alphas[active, : j + 1], betas[active, :j]
+        T = torch.diag_embed(a) + torch.diag_embed(b, offset=1) + torch.diag_embed(b, offset=-1)
+        theta, S = torch.linalg.eigh(T)
+        star = theta.abs().argmax(dim=-1, keepdim=True)
+        theta = theta.gather(-1, star).squeeze(-1)
+        res = betas[active, j] * S[:, j].gather(-1, star).squeeze(-1).abs()
+        done = (res <= tol * theta.abs()) | (betas[active, j] == 0) | (j + 1 == dim)
+        eigenvalue[active], residual[active] = theta, res
+        converged[active] = done
+
+        if done.all():
+            break
+        if done.any():
+            keep = (~done).to(device)
+            active, basis, w, beta = active[~done], basis[keep], w[keep], beta[keep]
+        q = w / beta[:, None]
+    return EigenResult(
+        eigenvalue.to(device=device, dtype=dtype),
+        converged.to(device),
+        residual.to(device=device, dtype=dtype),
+        iterations.to(device),
+        int(iterations.sum()),
+    )
+
+
+def power_iteration(
+    matvec: BatchedMatvec,
+    batch: int,
+    dim: int,
+    *,
+    generator: torch.Generator,
+    dtype: torch.dtype,
+    device: torch.device,
+    tol: float = 1e-6,
+    max_iter: int = 100,
+) -> EigenResult:
+    """Largest-magnitude eigenvalue of B symmetric operators by Rayleigh-quotient power iteration.
+
+    With v_1 a random unit vector, step t computes
+
+        w = A v_t,   theta_t = v_t^T w,   r_t = ||w - theta_t v_t||,   v_{t+1} = w / ||w||
+
+    and an element stops when ``r_t <= tol * |theta_t|``. If the two extreme eigenvalues are +lambda and
+    -lambda, v_t never settles (it keeps both components), theta_t stays strictly inside (-lambda, lambda)
+    and the residual does not fall: the element is reported as not converged. Arguments and result as for
+    :func:`lanczos` (``max_iter`` is not capped here).
+    """
+    check_solver_options(tol, max_iter)
+    v = random_unit_vectors(batch, dim, generator=generator, dtype=dtype, device=device)
+    eigenvalue = torch.zeros(batch, dtype=dtype, device=device)
+    residual = torch.full((batch,), float("inf"), dtype=dtype, device=device)
+    converged = torch.zeros(batch, dtype=torch.bool, device=device)
+    iterations = torch.zeros(batch, dtype=torch.long, device=device)
+    active = torch.arange(batch, device=device)
+    for _ in range(max_iter):
+        w = matvec(v, active)
+        theta = (v * w).sum(dim=-1)
+        res = _check_finite_products(torch.linalg.vector_norm(w - theta[:, None] * v, dim=-1))
+        eigenvalue[active], residual[active] = theta, res
+        iterations[active] += 1
+        done = res <= tol * theta.abs()
+        converged[active] = done
+        if done.all():
+            break
+        if done.any():
+            active, w = active[~done], w[~done]
+        v = w / torch.linalg.vector_norm(w, dim=-1, keepdim=True)
+    return EigenResult(eigenvalue, converged, residual, iterations, int(iterations.sum()))

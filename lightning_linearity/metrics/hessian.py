@@ -1,0 +1,222 @@
+"""Spectral norm of the Hessian of each network output (or hidden pre-activation) w.r.t. the weights.
+
+MATH.md 2.4 (004 Theorem 3.6 and 3.8; 000 Theorem 1 and 4): for probe point x_i and output a,
+
+    ||H_{f_a}(w; x_i)||_2 = max_j |lambda_j( d^2 f_a(w; x_i) / dw^2 )|,
+
+predicted to be O~(1/sqrt(m)) in the width m. The Hessian is never formed: Lanczos (largest magnitude,
+:func:`~lightning_linearity.metrics._linalg.lanczos`) runs on forward-over-reverse Hessian-vector products
+H v = d/de grad_w f_a(w + e v; x_i), vmap-ed over all (probe, output) pairs of a chunk of probes.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import grad, jvp, vmap
+
+from lightning_linearity.metrics._functional import (
+    Params,
+    check_differentiable,
+    check_finite,
+    evaluate,
+    layer_output_model,
+    num_parameters,
+    resolve_layer,
+    single_input_model,
+    trainable_parameters,
+)
+from lightning_linearity.metrics._linalg import (
+    BatchedMatvec,
+    ConvergenceWarning,
+    check_solver_options,
+    chunk_slices,
+    lanczos,
+)
+
+Reduction = Literal["none", "max", "mean"]
+_REDUCTIONS = ("none", "max", "mean")
+
+
+@dataclass(frozen=True)
+class HessianInfo:
+    """How :func:`hessian_spectral_norm` got its values.
+
+    Attributes:
+        num_hvps: Hessian-vector products spent in total (over probes, outputs and Lanczos steps).
+        converged: (n, q) bool, one per value before the reduction; ``False`` marks a lower bound.
+        max_iter: the Lanczos step limit per value.
+        tol: the relative residual tolerance.
+        layer: display name of the hidden layer (``None`` for the network output).
+        neurons: indices of the sampled neurons of that layer, in column order (``None`` for the output).
+    """
+
+    num_hvps: int
+    converged: Tensor
+    max_iter: int
+    tol: float
+    layer: str | None = None
+    neurons: Tensor | None = None
+
+
+def hessian_spectral_norm(
+    model: nn.Module,
+    x: Tensor,
+    *,
+    layer: int | str | None = None,
+    num_neurons: int | None = None,
+    generator: torch.Generator | None = None,
+    tol: float = 1e-6,
+    max_iter: int = 100,
+    reduction: Reduction = "none",
+    chunk_size: int | None = None,
+    return_info: bool = False,
+) -> Tensor | tuple[Tensor, HessianInfo]:
+    """||d^2 f_a(w; x_i) / dw^2||_2 for every probe point x_i and output a (MATH.md 2.4).
+
+    w is every trainable parameter of ``model`` (any ``nn.Module`` mapping (n, ...) to (n, k)). With
+    ``layer`` the same norm is computed for the hidden pre-activations z_l[r](w; x_i) of that layer
+    (004 Theorem 3.8) on ``num_neurons`` neurons r sampled without replacement (all if ``None``).
+
+    Each norm is the largest-magnitude Ritz value of Lanczos on Hessian-vector products, stopped when its
+    residual is at most ``tol`` times the value, so the true norm lies within ``tol`` (relative) of it.
+    A value that has not converged after ``max_iter`` steps is a lower bound; it is flagged in
+    ``info.converged`` and announced with a :class:`~lightning_linearity.metrics._linalg.ConvergenceWarning`.
+
+    The model's parameters, their ``.grad``, its train/eval mode and torch's global random state are left
+    untouched (the function evaluates detached parameter copies with ``torch.func``; randomness comes from
+    ``generator``).
+
+    Args:
+        model: the network.
+        x: probe inputs, shape (n, ...), on the model's device.
+        layer: a hidden layer (for the package's nets ``2``, ``"layer_2"`` or ``"layers.1"``; for other
+            models the name of the submodule whose output is the pre-activation), or ``None`` for f.
+        num_neurons: how many neurons of ``layer`` to sample (all if ``None``).
+        generator: source of the neuron sample and the Lanczos start vectors; default: a local CPU
+            generator seeded with 0 (reproducible).
+        tol: relative residual tolerance of Lanczos (> 0).
+        max_iter: Lanczos steps (Hessian-vector products) per value, at most.
+        reduction: ``"none"`` -> (n, q) with q = k outputs or ``num_neurons``; ``"max"`` / ``"mean"`` over
+            all of them -> scalar.
+        chunk_size: probe points per batched Lanczos run (all if ``None``). Memory grows like
+            ``chunk_size * q * (Krylov size) * P`` numbers for P parameters.
+        return_info: also return a :class:`HessianInfo`.
+
+    Returns:
+        The norms (shape per ``reduction``, the parameters' dtype), and with ``return_info`` also the info.
+    """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    check_solver_options(tol, max_iter)
+    params = trainable_parameters(model)
+    n, q = evaluate(model, x).shape
+    if n == 0:
+        raise ValueError("the probe set x is empty; give at least one probe point")
+    slices = chunk_slices(n, chunk_size)
+    check_differentiable(model, x)
+    dtype, device = next(iter(params.values())).dtype, next(iter(params.values())).device
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+
+    layer_name, neurons = None, None
+    if layer is None:
+        f = single_input_model(model)
+    else:
+        _, layer_name = resolve_layer(model, layer)
+        g = layer_output_model(model, layer)
+        with torch.no_grad():
+            layer_width = check_finite(g(params, x), f"the pre-activations of {layer_name}").shape[1]
+        neurons = _sample_neurons(layer_width, num_neurons, generator).to(device)
+        q = len(neurons)
+
+        def f(p: Params, xi: Tensor) -> Tensor:
+            return g(p, xi.unsqueeze(0)).squeeze(0)[neurons]
+
+    values, converged, num_hvps = [], [], 0
+    for chunk in slices:
+        try:
+            result = lanczos(
+                hessian_operator(f, params, x[chunk], q),
+                (chunk.stop - chunk.start) * q,
+                num_parameters(params),
+                generator=generator,
+                dtype=dtype,
+                device=device,
+                tol=tol,
+                max_iter=max_iter,
+            )
+        except FloatingPointError as err:
+            raise FloatingPointError(
+                f"a Hessian-vector product of {type(model).__name__} on probes {chunk.start}.."
+                f"{chunk.stop - 1} is non-finite: its second derivatives overflow or are undefined here"
+            ) from err
+        values.append(result.eigenvalue.abs().view(-1, q))
+        converged.append(result.converged.view(-1, q))
+        num_hvps += result.num_matvecs
+    values, converged = torch.cat(values), torch.cat(converged)
+
+    failed = int((~converged).sum())
+    if failed:
+        what = "outputs" if layer_name is None else f"neurons of {layer_name}"
+        warnings.warn(
+            f"{failed} of {converged.numel()} Hessian spectral norms (probes x {what}) did not converge to "
+            f"tol={tol} within max_iter={max_iter} Lanczos steps; they are lower bounds (see "
+            f"info.converged with return_info=True, or raise max_iter)",
+            ConvergenceWarning,
+            stacklevel=2,
+        )
+    if reduction == "max":
+        values = values.max()
+    elif reduction == "mean":
+        values = values.mean()
+    if not return_info:
+        return values
+    return values, HessianInfo(num_hvps, converged, max_iter, float(tol), layer_name, neurons)
+
+
+def hessian_operator(
+    f: Callable[[Params, Tensor], Tensor], params: Params, x: Tensor, num_outputs: int
+) -> BatchedMatvec:
+    """The batched operator (see :mod:`~lightning_linearity.metrics._linalg`) of the Hessians of ``f``.
+
+    ``f(params, x_i) -> (q,)`` is a single-probe function (``q = num_outputs``); batch element b is the
+    Hessian d^2 f_a(w; x_i) / dw^2 of probe i = b // q and output a = b % q, as a P x P operator on flat
+    vectors (parameters concatenated in ``params`` order). Its products are forward-over-reverse,
+
+        H v = jvp(grad_w <f(w; x_i), e_a>, w, v),
+
+    vmap-ed over the active elements.
+    """
+    shapes = {name: p.shape for name, p in params.items()}
+    numels = [p.numel() for p in params.values()]
+
+    def hvp(xi: Tensor, selector: Tensor, v: Tensor) -> Tensor:
+        tangent = {name: t.view(shapes[name]) for name, t in zip(shapes, v.split(numels), strict=True)}
+        gradient = grad(lambda p: (f(p, xi) * selector).sum())
+        return torch.cat([t.reshape(-1) for t in jvp(gradient, (params,), (tangent,))[1].values()])
+
+    batched_hvp = vmap(hvp)
+    xs = x.repeat_interleave(num_outputs, dim=0)
+    dtype = next(iter(params.values())).dtype
+    selectors = torch.eye(num_outputs, dtype=dtype, device=x.device).repeat(x.shape[0], 1)
+
+    def matvec(v: Tensor, active: Tensor) -> Tensor:
+        return batched_hvp(xs[active], selectors[active], v)
+
+    return matvec
+
+
+def _sample_neurons(size: int, num_neurons: int | None, generator: torch.Generator) -> Tensor:
+    """Sorted indices of ``num_neurons`` of the layer's neurons drawn without replacement (all if None)."""
+    if num_neurons is None:
+        return torch.arange(size)
+    if isinstance(num_neurons, bool) or not isinstance(num_neurons, int) or not 0 < num_neurons <= size:
+        raise ValueError(f"num_neurons must be an integer in 1..{size} (the layer size), got {num_neurons!r}")
+    sample = torch.randperm(size, generator=generator, device=generator.device)[:num_neurons]
+    return sample.sort().values

@@ -1,0 +1,5 @@
+"""Lightning callbacks of lightning-linearity."""
+
+from lightning_linearity.callbacks.linearity_monitor import LinearityMonitor
+
+__all__ = ["LinearityMonitor"]

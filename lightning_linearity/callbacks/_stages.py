@@ -1,0 +1,526 @@
+"""The metrics :class:`LinearityMonitor` schedules, each with its options, as stages of a metric round.
+
+A stage computes the rows of its probe points that belong to this rank (:meth:`Stage.rows`); the callback
+gathers the rows of all ranks in probe order, and :meth:`Stage.values` turns the full rows into the logged
+numbers (the same on every rank). Stages never do the maths themselves: they call the functions of
+:mod:`lightning_linearity.metrics`, whose docstrings give the formulas (MATH.md section 2).
+
+Stages and the metric names they serve:
+
+=================  ==============================  ==================================================
+stage              metric names                    logged keys (under ``linearity/``)
+=================  ==============================  ==================================================
+:class:`Kernel`    ``ntk``, ``kernel_change``      ``lambda_min``, ``lambda_max``, ``condition_number``,
+                                                   ``ntk_trace``, ``pl_ratio``; ``kernel_change``,
+                                                   ``kernel_change_max``
+:class:`Hessian`   ``hessian_norm``                ``hessian_norm_max``, ``hessian_norm_mean``, and per
+                                                   hidden layer ``hessian_norm_max/<layer>``, ...
+:class:`Cosines`   ``grad_cosines``                ``grad_cosine/<layer>``
+:class:`Linear..`  ``linearization``               ``linearization_error_mean``, ``..._max``,
+                                                   ``..._relative``, ``distance_from_init``
+=================  ==============================  ==================================================
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+import torch
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from torch import Tensor, nn
+
+from lightning_linearity.callbacks._probe import ProbeSet
+from lightning_linearity.metrics._functional import (
+    as_layered_net,
+    num_parameters,
+    resolve_layer,
+    trainable_parameters,
+)
+from lightning_linearity.metrics.cosines import neuron_gradient_cosines
+from lightning_linearity.metrics.hessian import hessian_spectral_norm
+from lightning_linearity.metrics.kernel_change import relative_kernel_change
+from lightning_linearity.metrics.linearization import linearization_error
+from lightning_linearity.metrics.ntk import empirical_ntk
+from lightning_linearity.metrics.pl import kernel_spectrum, pl_ratio
+
+Layer = int | str
+
+
+@dataclass(frozen=True)
+class RoundContext:
+    """What every stage of one metric round sees.
+
+    Attributes:
+        model: the module the metrics differentiate: the LightningModule itself (never its DDP wrapper), or
+            the package network behind it, in the compute dtype.
+        probe: the probe set, on the model's device, inputs in the compute dtype.
+        targets: probe targets encoded like the model output (n, k), or ``None`` when there are none.
+        seed: seed of every generator the metrics draw from (neuron subsets, Lanczos start vectors); the
+            same on every rank and in every round, so the same neurons are followed through training.
+        take_references: stages without their reference (K_0, w_0) take it in this round; true only in the
+            round at the start of training (before the first optimiser step, unless resumed).
+    """
+
+    model: nn.Module
+    probe: ProbeSet
+    targets: Tensor | None
+    seed: int
+    take_references: bool
+
+    def generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed)
+
+
+def evaluate_share(compute: Any, x: Tensor, share: slice) -> Tensor:
+    """``compute(x[share])``; an empty share (fewer points than ranks) evaluates one point and keeps no row,
+    so that its (0, ...) result still has the trailing shape the all-gather needs."""
+    if share.stop > share.start:
+        return compute(x[share])
+    return compute(x[:1])[:0]
+
+
+def _check_positive_int(name: str, value: Any, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"{name} must be a positive integer{' or None' if allow_none else ''}, got {value!r}"
+        )
+
+
+def _resolve_layers(model: nn.Module, layers: Sequence[Layer] | None, metric: str) -> list[tuple[Layer, str]]:
+    """``(layer, display name)`` for each requested layer; ``None`` means every hidden layer of our nets."""
+    if layers is None:
+        net = as_layered_net(model)
+        if net is None:
+            names = [name for name, _ in model.named_modules() if name]
+            raise MisconfigurationException(
+                f"{metric} on {type(model).__name__} (not one of the package's networks) needs the layers "
+                f"named: {metric}={{'layers': [...]}} with submodules whose outputs are pre-activations, "
+                f"out of {names}"
+            )
+        layers = list(range(1, net.depth + 1))
+    resolved = []
+    for layer in layers:
+        try:
+            resolved.append((layer, resolve_layer(model, layer)[1]))
+        except ValueError as err:
+            raise MisconfigurationException(f"{metric}: {err}") from err
+    return resolved
+
+
+# ----------------------------------------------------------------------------------------------- options
+@dataclass(frozen=True)
+class NTKOptions:
+    """Options of ``ntk`` (and of the kernel ``kernel_change`` compares).
+
+    Attributes:
+        method: ``"auto"`` (structured path for the package's nets, ``torch.func`` otherwise),
+            ``"structured"`` or ``"generic"`` (see :func:`~lightning_linearity.metrics.ntk.empirical_ntk`).
+        chunk_size: probe points processed at once (``None``: sized automatically).
+        pl_ratio: also log the realised ratio ||grad L||^2 / (2 L) of the square loss on the probe set
+            (MATH.md 2.2; never below ``lambda_min``), when the probe set has targets.
+    """
+
+    method: Literal["auto", "structured", "generic"] = "auto"
+    chunk_size: int | None = None
+    pl_ratio: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in ("auto", "structured", "generic"):
+            raise ValueError(f"method must be 'auto', 'structured' or 'generic', got {self.method!r}")
+        _check_positive_int("chunk_size", self.chunk_size)
+
+
+@dataclass(frozen=True)
+class KernelChangeOptions:
+    """Options of ``kernel_change``: the matrix norm, ``"spectral"`` (the papers') or ``"fro"``."""
+
+    ord: Literal["spectral", "fro"] = "spectral"
+
+    def __post_init__(self) -> None:
+        if self.ord not in ("spectral", "fro"):
+            raise ValueError(f"ord must be 'spectral' or 'fro', got {self.ord!r}")
+
+
+@dataclass(frozen=True)
+class HessianOptions:
+    """Options of ``hessian_norm`` (MATH.md 2.4).
+
+    Lanczos with full reorthogonalisation keeps its Krylov basis: a batched run holds about
+    ``chunk_size * q * max_iter * P`` numbers (q outputs or sampled neurons, P parameters), which is why the
+    defaults measure a few probe points, one at a time.
+
+    Attributes:
+        num_points: Hessians of the first ``num_points`` probe points (``None``: all of them).
+        tol: relative residual tolerance of Lanczos.
+        max_iter: Lanczos steps (Hessian-vector products) per norm, at most.
+        chunk_size: probe points per batched Lanczos run (``None``: all of a rank's share at once).
+        layers: hidden layers whose pre-activation Hessians ||d^2 z_l[r] / dw^2|| are also logged
+            (004 Theorem 3.8); none by default.
+        num_neurons: neurons sampled per layer in ``layers`` (``None``: all).
+    """
+
+    num_points: int | None = 4
+    tol: float = 1e-3
+    max_iter: int = 50
+    chunk_size: int | None = 1
+    layers: tuple[Layer, ...] = ()
+    num_neurons: int | None = 8
+
+    def __post_init__(self) -> None:
+        _check_positive_int("num_points", self.num_points)
+        _check_positive_int("chunk_size", self.chunk_size)
+        _check_positive_int("num_neurons", self.num_neurons)
+        _check_positive_int("max_iter", self.max_iter, allow_none=False)
+        if isinstance(self.tol, bool) or not isinstance(self.tol, int | float) or not 0 < self.tol < math.inf:
+            raise ValueError(f"tol must be a positive number, got {self.tol!r}")
+        object.__setattr__(self, "layers", tuple(self.layers))
+
+
+@dataclass(frozen=True)
+class CosineOptions:
+    """Options of ``grad_cosines`` (MATH.md 2.5).
+
+    Attributes:
+        layers: hidden layers to measure (``None``: every hidden layer of the package's nets; required for
+            other models: names of submodules whose outputs are pre-activations).
+        num_neurons: neurons sampled per layer, the same subset in every round (``None``: all).
+        method: ``"auto"``, ``"structured"`` or ``"generic"``.
+    """
+
+    layers: tuple[Layer, ...] | None = None
+    num_neurons: int | None = 256
+    method: Literal["auto", "structured", "generic"] = "auto"
+
+    def __post_init__(self) -> None:
+        _check_positive_int("num_neurons", self.num_neurons)
+        if self.method not in ("auto", "structured", "generic"):
+            raise ValueError(f"method must be 'auto', 'structured' or 'generic', got {self.method!r}")
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(self.layers))
+
+
+@dataclass(frozen=True)
+class LinearizationOptions:
+    """Options of ``linearization`` (MATH.md 2.6), which keeps a copy of w_0 for the whole run.
+
+    Attributes:
+        memory_budget_mb: refuse (at setup) a model whose copy of w_0 would exceed this many MiB
+            (``None``: no limit).
+    """
+
+    memory_budget_mb: float | None = None
+
+    def __post_init__(self) -> None:
+        budget = self.memory_budget_mb
+        if budget is not None and (
+            isinstance(budget, bool) or not isinstance(budget, int | float) or budget <= 0
+        ):
+            raise ValueError(f"memory_budget_mb must be a positive number or None, got {budget!r}")
+
+
+OPTIONS: dict[str, type] = {
+    "ntk": NTKOptions,
+    "kernel_change": KernelChangeOptions,
+    "hessian_norm": HessianOptions,
+    "grad_cosines": CosineOptions,
+    "linearization": LinearizationOptions,
+}
+METRIC_NAMES: tuple[str, ...] = tuple(OPTIONS)
+
+
+def parse_metrics(metrics: Sequence[str] | Mapping[str, Mapping[str, Any] | None]) -> dict[str, Any]:
+    """``{metric name: options}`` from a list of names or a mapping ``name -> {option: value}``."""
+    if isinstance(metrics, str):
+        metrics = [metrics]
+    requested = dict(metrics) if isinstance(metrics, Mapping) else dict.fromkeys(metrics)
+    if not requested:
+        raise MisconfigurationException(
+            f"LinearityMonitor needs at least one metric out of {list(METRIC_NAMES)}"
+        )
+    parsed = {}
+    for name, given in requested.items():
+        if name not in OPTIONS:
+            raise MisconfigurationException(
+                f"LinearityMonitor: unknown metric {name!r}; valid metric names are {list(METRIC_NAMES)}"
+            )
+        options_type = OPTIONS[name]
+        given = dict(given or {})
+        valid = [f.name for f in fields(options_type)]
+        unknown = sorted(set(given) - set(valid))
+        if unknown:
+            raise MisconfigurationException(
+                f"LinearityMonitor: unknown option(s) {unknown} for metric {name!r}; "
+                f"valid options are {valid}"
+            )
+        try:
+            parsed[name] = options_type(**given)
+        except ValueError as err:
+            raise MisconfigurationException(f"LinearityMonitor: metric {name!r}: {err}") from err
+    return parsed
+
+
+def options_settings(options: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    return {name: asdict(value) for name, value in options.items()}
+
+
+# ------------------------------------------------------------------------------------------------ stages
+class Stage(ABC):
+    """One part of a metric round (see the module docstring)."""
+
+    #: the metric names this stage serves, as the user wrote them
+    metrics: tuple[str, ...]
+
+    def setup(self, model: nn.Module, dtype: torch.dtype) -> None:  # noqa: B027 (optional hook)
+        """Check the options against the model before training; raise ``MisconfigurationException``."""
+
+    def num_points(self, probe_size: int) -> int:
+        """How many of the probe points this stage splits across ranks."""
+        return probe_size
+
+    @abstractmethod
+    def rows(self, ctx: RoundContext, share: slice) -> dict[str, Tensor]:
+        """This rank's rows: tensors whose dim 0 runs over the probe points of ``share``."""
+
+    @abstractmethod
+    def values(self, ctx: RoundContext, rows: dict[str, Tensor]) -> dict[str, float]:
+        """The logged numbers (keys without the ``linearity/`` prefix) from the rows of all points."""
+
+    def missing_reference(self) -> bool:
+        """Whether the stage still needs its reference from the start of training (K_0, w_0)."""
+        return False
+
+    def reset(self) -> None:  # noqa: B027 (stateless by default)
+        """Forget the state of a previous run (references, running maxima)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: B027 (stateless by default)
+        """Restore what :meth:`state_dict` returned."""
+
+
+@dataclass
+class Kernel(Stage):
+    """The empirical NTK K (MATH.md 2.1), its spectrum (2.2) and its change from K_0 (2.3).
+
+    K is computed once per round and shared by ``ntk`` and ``kernel_change``. Rank r computes the row block
+    K[x_r, x] (a cross kernel); the gathered blocks form K, which is symmetrised, (K + K^T) / 2, to remove
+    rounding differences between blocks. K_0 = K(w_0) is taken in the initial round and kept (also in the
+    checkpoint).
+    """
+
+    ntk: NTKOptions | None
+    change: KernelChangeOptions | None
+    metrics: tuple[str, ...] = field(init=False)
+    reference: Tensor | None = field(default=None, init=False)  # K_0
+    latest: Tensor | None = field(default=None, init=False)  # K of the last round
+    change_max: float = field(default=0.0, init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = tuple(name for name, opt in (("ntk", self.ntk), ("kernel_change", self.change)) if opt)
+
+    @property
+    def _kernel_options(self) -> NTKOptions:
+        return self.ntk or NTKOptions()
+
+    def rows(self, ctx: RoundContext, share: slice) -> dict[str, Tensor]:
+        x, opts = ctx.probe.x, self._kernel_options
+
+        def block(x_rows: Tensor) -> Tensor:
+            kernel = empirical_ntk(ctx.model, x_rows, x, method=opts.method, chunk_size=opts.chunk_size)
+            return kernel.reshape(x_rows.shape[0], -1)  # row (i, a) of K -> one row per probe point i
+
+        return {"kernel": evaluate_share(block, x, share)}
+
+    def values(self, ctx: RoundContext, rows: dict[str, Tensor]) -> dict[str, float]:
+        side = math.isqrt(rows["kernel"].numel())  # n * k
+        kernel = rows["kernel"].reshape(side, side)
+        kernel = (kernel + kernel.T) / 2
+        if ctx.take_references and self.reference is None:
+            self.reference = kernel
+        self.latest = kernel
+        values: dict[str, float] = {}
+        if self.ntk is not None:
+            spectrum = kernel_spectrum(kernel)
+            values.update(
+                lambda_min=float(spectrum.lambda_min),
+                lambda_max=float(spectrum.lambda_max),
+                condition_number=float(spectrum.condition_number),
+                ntk_trace=float(spectrum.trace),
+            )
+            if self.ntk.pl_ratio and ctx.targets is not None:
+                values["pl_ratio"] = float(pl_ratio(ctx.model, ctx.probe.x, ctx.targets))
+        if self.change is not None:
+            if self.reference is None:
+                raise ValueError("K_0 is unknown: the round at the start of training did not compute it")
+            change = float(relative_kernel_change(kernel, self.reference.to(kernel), ord=self.change.ord))
+            self.change_max = max(self.change_max, change)
+            values.update(kernel_change=change, kernel_change_max=self.change_max)
+        return values
+
+    def missing_reference(self) -> bool:
+        return self.reference is None
+
+    def reset(self) -> None:
+        self.reference, self.latest, self.change_max = None, None, 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "reference": None if self.reference is None else self.reference.cpu(),
+            "change_max": self.change_max,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.reference = state["reference"]
+        self.change_max = float(state["change_max"])
+
+
+@dataclass
+class Hessian(Stage):
+    """Spectral norms ||d^2 f_a(w; x_i) / dw^2|| per probe point and output (MATH.md 2.4), max and mean;
+    optionally the same for sampled hidden pre-activations of chosen layers. Rank r takes its share of
+    the probe points."""
+
+    options: HessianOptions
+    metrics: tuple[str, ...] = ("hessian_norm",)
+    layers: list[tuple[Layer, str]] = field(default_factory=list, init=False)
+
+    def setup(self, model: nn.Module, dtype: torch.dtype) -> None:
+        self.layers = (
+            _resolve_layers(model, self.options.layers, "hessian_norm") if self.options.layers else []
+        )
+
+    def num_points(self, probe_size: int) -> int:
+        return min(probe_size, self.options.num_points or probe_size)
+
+    def _norms(self, ctx: RoundContext, x: Tensor, layer: Layer | None) -> Tensor:
+        opts = self.options
+        return hessian_spectral_norm(
+            ctx.model,
+            x,
+            layer=layer,
+            num_neurons=None if layer is None else opts.num_neurons,
+            generator=ctx.generator(),
+            tol=opts.tol,
+            max_iter=opts.max_iter,
+            chunk_size=opts.chunk_size,
+        )
+
+    def rows(self, ctx: RoundContext, share: slice) -> dict[str, Tensor]:
+        x = ctx.probe.x[: self.num_points(len(ctx.probe))]
+        rows = {"": evaluate_share(lambda xs: self._norms(ctx, xs, None), x, share)}
+        for layer, name in self.layers:
+            rows[name] = evaluate_share(lambda xs, layer=layer: self._norms(ctx, xs, layer), x, share)
+        return rows
+
+    def values(self, ctx: RoundContext, rows: dict[str, Tensor]) -> dict[str, float]:
+        values = {}
+        for name, norms in rows.items():
+            suffix = f"/{name}" if name else ""
+            values[f"hessian_norm_max{suffix}"] = float(norms.max())
+            values[f"hessian_norm_mean{suffix}"] = float(norms.mean())
+        return values
+
+
+@dataclass
+class Cosines(Stage):
+    """Mean |cos| between the gradients of a hidden layer's neurons (MATH.md 2.5), per layer; rank r
+    takes its share of the probe points (the neuron subset is the same on every rank)."""
+
+    options: CosineOptions
+    metrics: tuple[str, ...] = ("grad_cosines",)
+    layers: list[tuple[Layer, str]] = field(default_factory=list, init=False)
+
+    def setup(self, model: nn.Module, dtype: torch.dtype) -> None:
+        self.layers = _resolve_layers(model, self.options.layers, "grad_cosines")
+
+    def rows(self, ctx: RoundContext, share: slice) -> dict[str, Tensor]:
+        def per_probe(xs: Tensor, layer: Layer) -> Tensor:
+            return neuron_gradient_cosines(
+                ctx.model,
+                xs,
+                layer,
+                num_neurons=self.options.num_neurons,
+                generator=ctx.generator(),
+                method=self.options.method,
+                reduction="none",
+            )
+
+        return {
+            name: evaluate_share(lambda xs, layer=layer: per_probe(xs, layer), ctx.probe.x, share)
+            for layer, name in self.layers
+        }
+
+    def values(self, ctx: RoundContext, rows: dict[str, Tensor]) -> dict[str, float]:
+        return {f"grad_cosine/{name}": float(per_probe.mean()) for name, per_probe in rows.items()}
+
+
+@dataclass
+class Linearization(Stage):
+    """|f(w; x) - f_lin(w; x)| and R_t = ||w_t - w_0|| (MATH.md 2.6) against the w_0 kept since the initial
+    round. One forward pass and one jvp: every rank computes it whole (nothing to gather)."""
+
+    options: LinearizationOptions
+    metrics: tuple[str, ...] = ("linearization",)
+    params_0: dict[str, Tensor] | None = field(default=None, init=False)
+
+    def setup(self, model: nn.Module, dtype: torch.dtype) -> None:
+        budget = self.options.memory_budget_mb
+        size_mb = num_parameters(trainable_parameters(model)) * torch.finfo(dtype).bits / 8 / 2**20
+        if budget is not None and size_mb > budget:
+            raise MisconfigurationException(
+                f"linearization keeps a copy of the initial parameters w_0: {size_mb:.1f} MiB in {dtype} for "
+                f"{type(model).__name__}, over memory_budget_mb={budget}; raise the budget or drop "
+                f"'linearization'"
+            )
+
+    def rows(self, ctx: RoundContext, share: slice) -> dict[str, Tensor]:
+        if ctx.take_references and self.params_0 is None:
+            self.params_0 = {name: p.detach().clone() for name, p in ctx.model.named_parameters()}
+        return {}
+
+    def values(self, ctx: RoundContext, rows: dict[str, Tensor]) -> dict[str, float]:
+        if self.params_0 is None:
+            raise ValueError("w_0 is unknown: the round at the start of training did not record it")
+        self.params_0 = {
+            name: p.to(ctx.probe.x.device) for name, p in self.params_0.items()
+        }  # after a resume
+        error = linearization_error(ctx.model, self.params_0, ctx.probe.x)
+        return {
+            "linearization_error_mean": float(error.mean_abs),
+            "linearization_error_max": float(error.max_abs),
+            "linearization_error_relative": float(error.relative),
+            "distance_from_init": float(error.distance),
+        }
+
+    def missing_reference(self) -> bool:
+        return self.params_0 is None
+
+    def reset(self) -> None:
+        self.params_0 = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"params_0": None if self.params_0 is None else {k: v.cpu() for k, v in self.params_0.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.params_0 = state["params_0"]
+
+
+def build_stages(options: Mapping[str, Any]) -> list[Stage]:
+    """The stages serving the requested metrics, in a fixed order (the same on every rank)."""
+    stages: list[Stage] = []
+    if "ntk" in options or "kernel_change" in options:
+        stages.append(Kernel(options.get("ntk"), options.get("kernel_change")))
+    if "hessian_norm" in options:
+        stages.append(Hessian(options["hessian_norm"]))
+    if "grad_cosines" in options:
+        stages.append(Cosines(options["grad_cosines"]))
+    if "linearization" in options:
+        stages.append(Linearization(options["linearization"]))
+    return stages

@@ -1,0 +1,521 @@
+r"""
+Linearity Monitor
+=================
+
+Log the "transition to linearity" metrics of MATH.md section 2 (empirical NTK spectrum, kernel change,
+Hessian spectral norm, neuron gradient cosines, linearisation error) while a model trains, on one device
+or under DDP, through whatever loggers the Trainer has.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import re
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks.callback import Callback
+from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy, Strategy
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_linearity.callbacks._distributed import agree, gather_rows, probe_share
+from lightning_linearity.callbacks._isolation import training_untouched
+from lightning_linearity.callbacks._probe import (
+    DEFAULT_PROBE_SIZE,
+    PROBE_SELECTIONS,
+    ProbeSelection,
+    ProbeSet,
+    explicit_probe,
+    probe_from_loader,
+)
+from lightning_linearity.callbacks._stages import (
+    Kernel,
+    RoundContext,
+    Stage,
+    build_stages,
+    options_settings,
+    parse_metrics,
+)
+from lightning_linearity.metrics._functional import as_layered_net, evaluate
+
+#: Every logged key starts with this prefix (one section in W&B and TensorBoard).
+PREFIX = "linearity/"
+#: Key of the one-line summary in the progress bar (``progress_bar=True``).
+PROGRESS_BAR_KEY = "linearity"
+#: Metrics measured when ``metrics`` is not given (``linearization`` keeps a copy of w_0: opt in).
+DEFAULT_METRICS = ("ntk", "kernel_change", "hessian_norm", "grad_cosines")
+#: (logged key, short name) shown in the progress-bar summary when present.
+SUMMARY_KEYS = (
+    ("lambda_min", "lmin"),
+    ("kernel_change", "dK"),
+    ("hessian_norm_max", "H"),
+    ("linearization_error_max", "lin"),
+)
+
+
+class LinearityMonitor(Callback):
+    r"""Measure and log transition-to-linearity metrics during training (MATH.md section 2).
+
+    All metrics are evaluated at the current parameters on one fixed probe set X. A *metric round* runs
+
+    * at the start of training, before the first optimiser step: K_0 = K(w_0) (and w_0 for
+      ``linearization``) are recorded there and kept, also across a resume from a checkpoint;
+    * every ``every_n_steps`` optimiser steps (``trainer.global_step``, so gradient accumulation is
+      respected), every ``every_n_epochs`` epochs if set, and at the end of training;
+    * never during the sanity check, and not at all under ``fast_dev_run``.
+
+    Values are logged under ``linearity/`` against ``trainer.global_step`` through every logger of the
+    trainer (CSV, TensorBoard, W&B, ...), from rank zero only; they are also put in
+    ``trainer.callback_metrics`` (so ``ModelCheckpoint`` / ``EarlyStopping`` can monitor them) and kept
+    in :attr:`history`. Logged keys (see :mod:`lightning_linearity.callbacks._stages`):
+
+    ``ntk``: ``lambda_min``, ``lambda_max``, ``condition_number``, ``ntk_trace`` of K (MATH.md 2.1, 2.2), and
+    ``pl_ratio`` = ||grad L||^2 / (2 L) for the square loss when the probe set has targets;
+    ``kernel_change``: ||K_t - K_0|| / ||K_0|| (2.3) and its running maximum ``kernel_change_max``;
+    ``hessian_norm``: ``hessian_norm_max`` / ``hessian_norm_mean`` over probes and outputs of
+    ||d^2 f_a(w; x_i) / dw^2||_2 (2.4), optionally per hidden layer ``hessian_norm_max/layer_2``, ...;
+    ``grad_cosines``: ``grad_cosine/layer_2``, ... mean |cos| between neuron gradients (2.5);
+    ``linearization``: ``linearization_error_mean`` / ``_max`` / ``_relative`` and ``distance_from_init``
+    (2.6).
+
+    The metrics see the LightningModule itself (never the DDP wrapper): the package's networks through
+    their ``layered_net`` (fast structured paths), any other module through ``torch.func`` (generic paths;
+    name the layers for ``grad_cosines``). They run in eval mode, with autocast off, in float32 (float64
+    under ``precision="64-true"`` or with ``dtype="float64"``; a model held in another dtype is measured on a
+    cast copy), and leave the parameters, ``.grad``, optimiser state, train/eval modes and random states
+    exactly as they were.
+
+    Under DDP every rank computes a share of the probe points (its row block K[x_r, X] of the NTK, the
+    Hessian norms and |cos| of its points); the strategy's all-gather puts the pieces together, so every
+    rank ends the round with the values a single process would log. Before each collective that a failure
+    could skip, the ranks agree on success, so a metric failing on one rank is skipped on all of them and
+    nobody waits forever.
+
+    Args:
+        metrics: names out of ``ntk``, ``kernel_change``, ``hessian_norm``, ``grad_cosines``,
+            ``linearization``; or a mapping from name to that metric's options, e.g.
+            ``{"hessian_norm": {"num_points": 8}, "grad_cosines": {"layers": ["net.0"]}}``. Options:
+            ``ntk``: ``method``, ``chunk_size``, ``pl_ratio``; ``kernel_change``: ``ord``
+            (``"spectral"``/``"fro"``); ``hessian_norm``: ``num_points``, ``tol``, ``max_iter``,
+            ``chunk_size``, ``layers``, ``num_neurons``; ``grad_cosines``: ``layers``, ``num_neurons``,
+            ``method``; ``linearization``: ``memory_budget_mb`` (see the option classes in
+            :mod:`lightning_linearity.callbacks._stages`).
+        every_n_steps: a round every this many optimiser steps; ``None`` for none.
+        every_n_epochs: a round at the end of every this many training epochs; ``None`` (default) for none.
+        probe_size: number of probe points; default: all of ``probe_data``, else 32 training points.
+        probe_data: the probe set, as inputs ``x`` or a pair ``(x, y)``; default: taken from the training
+            data set at the start of fit (by index, the same on every rank).
+        probe_selection: ``"first"``: the training set's first ``probe_size`` points; ``"random"``: a random
+            subset drawn with ``seed``.
+        seed: seeds the random probe subset, the sampled neurons and the Lanczos start vectors (never the
+            global random state); the same in every round, so the same neurons are followed.
+        dtype: ``"float32"`` or ``"float64"`` for the metrics; ``None``: float64 under 64-bit precision,
+            float32 otherwise (also under mixed precision).
+        on_error: a metric that fails ``"warn"`` s (once per distinct reason) and is skipped for that round,
+            or ``"raise"`` s on every rank. NaN/inf in the model is always only reported, once.
+        progress_bar: show a one-line summary (``lmin``, ``dK``, ``H``, ``lin``) in the progress bar.
+        plots: at the end of training write the report figures (curves, NTK spectrum at init and at the
+            end) with :func:`lightning_linearity.plots.write_report`.
+
+    Raises:
+        MisconfigurationException: at init for an unknown metric or option, ``every_n_steps < 1``, a
+            ``probe_size`` larger than ``probe_data``; at setup for a sharded strategy (FSDP, DeepSpeed),
+            a layer that does not exist, ``linearization`` over its memory budget; at the start of
+            training for a ``probe_size`` larger than the training data.
+
+    Example::
+
+        >>> from lightning_linearity import LinearityMonitor
+        >>> monitor = LinearityMonitor(metrics=("ntk", "kernel_change"), every_n_steps=10)
+    """
+
+    def __init__(
+        self,
+        metrics: Sequence[str] | Mapping[str, Mapping[str, Any] | None] = DEFAULT_METRICS,
+        every_n_steps: int | None = 50,
+        every_n_epochs: int | None = None,
+        probe_size: int | None = None,
+        probe_data: Tensor | Sequence[Tensor] | None = None,
+        probe_selection: ProbeSelection = "first",
+        seed: int = 0,
+        dtype: Literal["float32", "float64"] | None = None,
+        on_error: Literal["warn", "raise"] = "warn",
+        progress_bar: bool = False,
+        plots: bool = True,
+    ) -> None:
+        for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise MisconfigurationException(
+                    f"LinearityMonitor: {name} must be an integer >= 1 or None, got {value!r}"
+                )
+        if probe_size is not None and (
+            isinstance(probe_size, bool) or not isinstance(probe_size, int) or probe_size < 1
+        ):
+            raise MisconfigurationException(
+                f"LinearityMonitor: probe_size must be an integer >= 1, got {probe_size!r}"
+            )
+        if probe_selection not in PROBE_SELECTIONS:
+            raise MisconfigurationException(
+                f"LinearityMonitor: probe_selection must be one of {PROBE_SELECTIONS}, "
+                f"got {probe_selection!r}"
+            )
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise MisconfigurationException(f"LinearityMonitor: seed must be an integer, got {seed!r}")
+        if dtype not in (None, "float32", "float64"):
+            raise MisconfigurationException(
+                f"LinearityMonitor: dtype must be 'float32', 'float64' or None, got {dtype!r}"
+            )
+        if on_error not in ("warn", "raise"):
+            raise MisconfigurationException(
+                f"LinearityMonitor: on_error must be 'warn' or 'raise', got {on_error!r}"
+            )
+        self.options = parse_metrics(metrics)
+        self.every_n_steps = every_n_steps
+        self.every_n_epochs = every_n_epochs
+        self.probe_size = probe_size
+        self.probe_selection = probe_selection
+        self.seed = seed
+        self.dtype = dtype
+        self.on_error = on_error
+        self.progress_bar = progress_bar
+        self.plots = plots
+        self._given_probe = None if probe_data is None else explicit_probe(probe_data, probe_size)
+        self._stages: list[Stage] = build_stages(self.options)
+
+        # state of the current run (reset at setup, restored by load_state_dict)
+        self.probe: ProbeSet | None = None
+        self.history: list[dict[str, float]] = []
+        self._last_step = -1
+        # per-fit working state
+        self._enabled = True
+        self._compute_dtype = torch.float32
+        self._targets: Tensor | None = None
+        self._cast_model: nn.Module | None = None
+        self._warned: set[tuple] = set()
+
+    # ------------------------------------------------------------------------------------- identity
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(metrics=sorted(self.options))
+
+    def settings(self) -> dict[str, Any]:
+        """The constructor options, as plain values (for the loggers' run config)."""
+        if self._given_probe is not None:
+            probe_size, probe_data = len(self._given_probe), f"given: {len(self._given_probe)} points"
+        else:
+            probe_size, probe_data = self.probe_size or DEFAULT_PROBE_SIZE, None
+        return {
+            "metrics": options_settings(self.options),
+            "every_n_steps": self.every_n_steps,
+            "every_n_epochs": self.every_n_epochs,
+            "probe_size": probe_size,
+            "probe_data": probe_data,
+            "probe_selection": self.probe_selection,
+            "seed": self.seed,
+            "dtype": self.dtype,
+            "on_error": self.on_error,
+            "progress_bar": self.progress_bar,
+            "plots": self.plots,
+        }
+
+    @property
+    def spectra(self) -> dict[str, np.ndarray]:
+        """Eigenvalues of K_0 (``"init"``) and of the last round's K (``"final"``) when the NTK ran."""
+        kernel = next((stage for stage in self._stages if isinstance(stage, Kernel)), None)
+        if kernel is None:
+            return {}
+        matrices = {"init": kernel.reference, "final": kernel.latest}
+        return {
+            name: torch.linalg.eigvalsh(matrix.double()).cpu().numpy()
+            for name, matrix in matrices.items()
+            if matrix is not None
+        }
+
+    # ------------------------------------------------------------------------------------- hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self.probe, self.history, self._last_step = None, [], -1
+        self._cast_model, self._targets, self._warned = None, None, set()
+        for metric_stage in self._stages:
+            metric_stage.reset()
+        self._enabled = not trainer.fast_dev_run
+        if not self._enabled:
+            rank_zero_info("LinearityMonitor: fast_dev_run is set, so no metric round will run.")
+            return
+        _check_strategy(trainer.strategy)
+        if self.dtype is not None:
+            self._compute_dtype = getattr(torch, self.dtype)
+        else:
+            self._compute_dtype = torch.float64 if str(trainer.precision).startswith("64") else torch.float32
+        model = self._measured_module(pl_module)
+        for metric_stage in self._stages:
+            metric_stage.setup(model, self._compute_dtype)
+        if trainer.is_global_zero:
+            self._guarded(
+                "preparing the loggers",
+                "lightning_linearity.loggers",
+                "prepare_loggers",
+                trainer,
+                self.settings(),
+            )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._enabled:
+            return
+        device = pl_module.device
+        with training_untouched(pl_module, device):
+            if self.probe is None:
+                self.probe = self._given_probe or probe_from_loader(
+                    trainer.train_dataloader,
+                    self.probe_size or DEFAULT_PROBE_SIZE,
+                    self.probe_selection,
+                    self.seed,
+                )
+            self.probe = self.probe.to(device, self._compute_dtype)
+            self._targets = self._encode_targets(pl_module)
+        missing = [name for stage in self._stages if stage.missing_reference() for name in stage.metrics]
+        if missing and trainer.global_step > 0:
+            rank_zero_warn(
+                f"LinearityMonitor: training resumes at step {trainer.global_step} without the references "
+                f"from the initialisation for {missing} (no LinearityMonitor state in the checkpoint); they "
+                f"are measured from the weights at step {trainer.global_step} instead"
+            )
+        if missing or self._last_step < 0:
+            self._round(trainer, pl_module, take_references=True)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.every_n_steps is not None and trainer.global_step % self.every_n_steps == 0:
+            self._round(trainer, pl_module)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.every_n_epochs is not None and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self._round(trainer, pl_module)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._enabled:
+            return
+        self._round(trainer, pl_module)
+        if self.plots and trainer.is_global_zero and self.history:
+            self._guarded(
+                "writing the report figures",
+                "lightning_linearity.plots",
+                "write_report",
+                trainer,
+                history=self.history,
+                spectra=self.spectra,
+            )
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._cast_model = None
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "probe": None if self.probe is None else self.probe.state_dict(),
+            "last_step": self._last_step,
+            "history": self.history,
+            "stages": {type(stage).__name__: stage.state_dict() for stage in self._stages},
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        probe = state_dict["probe"]
+        self.probe = None if probe is None else ProbeSet(probe["x"], probe["y"])
+        self._last_step = int(state_dict["last_step"])
+        self.history = list(state_dict["history"])
+        for stage in self._stages:
+            stage_state = state_dict["stages"].get(type(stage).__name__)
+            if stage_state is not None:
+                stage.load_state_dict(stage_state)
+
+    # ------------------------------------------------------------------------------------- a round
+    def _round(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, take_references: bool = False
+    ) -> None:
+        """One metric round at ``trainer.global_step`` (once per step; see the class docstring)."""
+        step = trainer.global_step
+        if not self._enabled or trainer.sanity_checking or (step == self._last_step and not take_references):
+            return
+        self._last_step = step
+        strategy, values = trainer.strategy, {}
+        with training_untouched(pl_module, pl_module.device):
+            model = self._compute_model(pl_module)
+            finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+            error = None if finite else FloatingPointError("the model has NaN or inf parameters")
+            if not self._agreed(strategy, "the round", error, step):
+                return
+            ctx = RoundContext(model, self.probe, self._targets, self.seed, take_references)
+            for stage in self._stages:
+                values.update(self._run_stage(strategy, stage, ctx, step))
+        if values:
+            self._publish(trainer, step, values)
+
+    def _run_stage(self, strategy: Strategy, stage: Stage, ctx: RoundContext, step: int) -> dict[str, float]:
+        """This rank's rows -> agree -> all-gather -> values -> agree; ``{}`` if the stage failed anywhere."""
+        n = stage.num_points(len(ctx.probe))
+        share = probe_share(n, strategy.global_rank, strategy.world_size)
+        names = ", ".join(stage.metrics)
+        rows, error = self._attempt(stage, stage.rows, ctx, share)
+        if not self._agreed(strategy, names, error, step):
+            return {}
+        rows = {key: gather_rows(strategy, value, n) for key, value in rows.items()}
+        values, error = self._attempt(stage, stage.values, ctx, rows)
+        if not self._agreed(strategy, names, error, step):
+            return {}
+        return {PREFIX + key: value for key, value in values.items()}
+
+    def _attempt(self, stage: Stage, compute: Callable, *args: Any) -> tuple[Any, BaseException | None]:
+        """``compute(*args)`` and the exception it raised (or ``None``); its warnings re-emitted once."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                result, error = compute(*args), None
+            except Exception as err:
+                result, error = None, err
+        for warning in caught:
+            reason = re.sub(r"\d+", "#", str(warning.message))  # counts differ from round to round
+            self._warn_once(
+                (stage.metrics, warning.category, reason),
+                f"LinearityMonitor ({', '.join(stage.metrics)}): {warning.message} (reported once)",
+                warning.category,
+                local=True,
+            )
+        return result, error
+
+    def _agreed(self, strategy: Strategy, what: str, error: BaseException | None, step: int) -> bool:
+        """Agree across ranks whether ``what`` succeeded everywhere; report a failure as ``on_error`` says.
+
+        The failing rank reports its own reason; rank zero says when only another rank failed. NaN/inf
+        (``FloatingPointError``) is reported once per run and never raised.
+        """
+        outcome = agree(strategy, error)
+        if not outcome.failed:
+            return True
+        if outcome.raisable and self.on_error == "raise":
+            where = f"on rank {strategy.global_rank}" if error is not None else "on another rank"
+            raise RuntimeError(
+                f"LinearityMonitor: {what} failed at step {step} {where} (on_error='raise')"
+            ) from error
+        if isinstance(error, FloatingPointError):
+            self._warn_once(
+                ("non-finite",),
+                f"LinearityMonitor: {what} at step {step}: {error}; skipped while the model is not finite "
+                f"(reported once)",
+                local=True,
+            )
+        elif error is not None:
+            self._warn_once(
+                (what, type(error), str(error)),
+                f"LinearityMonitor: {what} failed at step {step} on rank {strategy.global_rank} and is "
+                f"skipped this round (training continues; on_error='warn'): {type(error).__name__}: {error}",
+                local=True,
+            )
+        else:
+            self._warn_once(
+                (what, "another rank"),
+                f"LinearityMonitor: {what} failed at step {step} on another rank and is skipped this round "
+                f"on every rank (training continues)",
+            )
+        return False
+
+    def _publish(self, trainer: pl.Trainer, step: int, values: dict[str, float]) -> None:
+        self.history.append({"step": step, **values})
+        trainer.callback_metrics.update({key: torch.tensor(value) for key, value in values.items()})
+        if self.progress_bar:
+            summary = [
+                f"{short}={values[PREFIX + key]:.3g}" for key, short in SUMMARY_KEYS if PREFIX + key in values
+            ]
+            trainer.progress_bar_metrics[PROGRESS_BAR_KEY] = " ".join(summary)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(values, step=step)
+
+    # ------------------------------------------------------------------------------------- helpers
+    @staticmethod
+    def _measured_module(pl_module: pl.LightningModule) -> nn.Module:
+        """The package network behind ``pl_module`` (structured paths), or ``pl_module`` itself."""
+        return as_layered_net(pl_module) or pl_module
+
+    def _compute_model(self, pl_module: pl.LightningModule) -> nn.Module:
+        """The measured module in the compute dtype: itself, or a cast copy holding its current values."""
+        source = self._measured_module(pl_module)
+        if all(p.dtype == self._compute_dtype for p in source.parameters() if p.is_floating_point()):
+            return source
+        if self._cast_model is None:
+            self._cast_model = copy.deepcopy(source).to(self._compute_dtype).eval()
+        with torch.no_grad():
+            for copied, original in zip(self._cast_model.parameters(), source.parameters(), strict=True):
+                copied.copy_(original)
+            for copied, original in zip(self._cast_model.buffers(), source.buffers(), strict=True):
+                copied.copy_(original)
+        return self._cast_model
+
+    def _encode_targets(self, pl_module: pl.LightningModule) -> Tensor | None:
+        """Probe targets as regression targets (n, k) of the model output (for ``pl_ratio``), or ``None``.
+
+        The package's modules encode class labels themselves (``encode_targets``: one-hot or +/-1); other
+        modules need float targets with as many entries as the output.
+        """
+        if self.probe.y is None or "ntk" not in self.options or not self.options["ntk"].pl_ratio:
+            return None
+        model = self._compute_model(pl_module)
+        try:
+            out = evaluate(model, self.probe.x)
+            if hasattr(pl_module, "encode_targets"):
+                return pl_module.encode_targets(self.probe.y, out)
+            if self.probe.y.is_floating_point() and self.probe.y.numel() == out.numel():
+                return self.probe.y.reshape(out.shape).to(out.dtype)
+            shapes = f"{tuple(self.probe.y.shape)} and {tuple(out.shape)}"
+            reason = f"the probe targets and the model outputs have incompatible shapes {shapes}"
+        except ValueError as err:
+            reason = str(err)
+        rank_zero_warn(f"LinearityMonitor: pl_ratio is not logged: {reason}")
+        return None
+
+    def _warn_once(
+        self, key: tuple, message: str, category: type[Warning] = UserWarning, local: bool = False
+    ) -> None:
+        """Warn the first time ``key`` comes up: on this rank if ``local`` to it, else on rank zero."""
+        if key not in self._warned:
+            self._warned.add(key)
+            (warnings.warn if local else rank_zero_warn)(message, category=category, stacklevel=2)
+
+    @staticmethod
+    def _guarded(what: str, module: str, function: str, *args: Any, **kwargs: Any) -> None:
+        """Call the optional reporting function ``module.function``; a failure (or no module) only warns."""
+        try:
+            getattr(importlib.import_module(module), function)(*args, **kwargs)
+        except Exception as err:
+            rank_zero_warn(
+                f"LinearityMonitor: {what} failed ({type(err).__name__}: {err}); training is unaffected"
+            )
+
+
+def _check_strategy(strategy: Strategy) -> None:
+    """Single-device and DDP strategies only: the metrics need every parameter, whole, on every rank."""
+    if isinstance(strategy, DeepSpeedStrategy) or not isinstance(
+        strategy, SingleDeviceStrategy | DDPStrategy
+    ):
+        raise MisconfigurationException(
+            f"LinearityMonitor supports single-device and DDP strategies, not {type(strategy).__name__}: "
+            f"sharded strategies (FSDP, DeepSpeed, model parallel) split the parameters across ranks, while "
+            f"the metrics differentiate the whole model on every rank. Use strategy='ddp' or one device."
+        )

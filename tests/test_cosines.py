@@ -96,6 +96,19 @@ def test_seeded_subset_is_the_documented_one_in_both_paths(family):
         torch.testing.assert_close(result, expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("family", ["densenet", "masked"])
+@pytest.mark.parametrize("budget", [300, 1700])
+def test_memory_budget_splits_probes_and_neuron_blocks(family, budget, monkeypatch):
+    """Tiny element budgets force chunks of 1-2 probes and Jacobian blocks of 1 or 3 of the 9 neurons."""
+    net = make_net(family, widths=(6, 9, 5), bias=True).double()
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    expected = reference_cosines(net, x, net_preactivation(net, 2))
+    monkeypatch.setattr("lightning_linearity.metrics.cosines.DEFAULT_CHUNK_ELEMENTS", budget)
+    for method in METHODS:
+        result = neuron_gradient_cosines(net, x, 2, method=method, reduction="none")
+        torch.testing.assert_close(result, expected, rtol=1e-10, atol=1e-12)
+
+
 def test_default_subset_is_fixed_and_leaves_global_rng_alone():
     net = make_net("fcn", widths=(8, 16)).double()
     x = torch.randn(2, 4, dtype=torch.float64)

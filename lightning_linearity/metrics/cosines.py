@@ -46,8 +46,10 @@ from lightning_linearity.metrics._functional import (
 from lightning_linearity.metrics.ntk import (
     DEFAULT_CHUNK_ELEMENTS,
     backpropagate,
+    blocked_jacobian_gram,
     check_chunk_size,
     check_probes,
+    chunks,
     input_products,
     structured_net,
     trace_net,
@@ -151,11 +153,10 @@ def _structured_gram(
     net: LayeredNTKNet, x: Tensor, index: int, neurons: Tensor, chunk_size: int | None
 ) -> Tensor:
     """G_l = sum_{k<=l} J_{l,k} diag(g_k) J_{l,k}^T for the rows ``neurons`` of J, per probe: (n, s, s)."""
-    widest = max(net.hidden_widths[:index])
-    chunk = chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // (len(neurons) * max(widest, net.in_features)))
+    per_probe = len(neurons) * sum(net.hidden_widths[:index])  # the rows of J_{l,k}, k = 1..l
     grams = []
-    for start in range(0, x.shape[0], chunk):
-        trace = trace_net(net, x[start : start + chunk])
+    for probes in chunks(x.shape[0], chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // per_probe)):
+        trace = trace_net(net, x[probes])
         seed = torch.eye(net.hidden_widths[index - 1], dtype=trace.output.dtype, device=trace.output.device)
         jacobians = backpropagate(net, trace, index, seed[neurons])  # J_{l,k}[neurons], k = 1..l
         gram = trace.output.new_zeros(trace.output.shape[0], len(neurons), len(neurons))
@@ -178,21 +179,28 @@ def _generic_gram(
     generator: torch.Generator | None,
     chunk_size: int | None,
 ) -> Tensor:
-    """<g_r, g_s> per probe from ``vmap(jacrev)`` of the sampled pre-activations: (n, s, s)."""
+    """<g_r, g_s> per probe from ``vmap(jacrev)`` of the sampled pre-activations: (n, s, s).
+
+    The per-probe Jacobian of the s sampled neurons (s-by-P) is built in blocks of neurons that keep two
+    blocks of a probe chunk within ``DEFAULT_CHUNK_ELEMENTS``, contracted block by block.
+    """
     evaluate(model, x)  # clear errors for bad inputs and a non-finite output
     pre_activation = layer_output_model(model, layer)
     with torch.no_grad():
         width = pre_activation(params, x[:1]).shape[1]
     neurons = _neuron_subset(width, num_neurons, generator, x.device)
-
-    def sampled(p: Params, xi: Tensor) -> Tensor:
-        return pre_activation(p, xi.unsqueeze(0))[0, neurons]
-
-    per_probe = len(neurons) * num_parameters(params)
-    chunk = chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // per_probe)
-    jacobian = vmap(jacrev(sampled), in_dims=(None, 0))
+    size = num_parameters(params)
+    block = min(len(neurons), max(1, DEFAULT_CHUNK_ELEMENTS // (2 * size)))  # neurons per Jacobian block
+    chunk = chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // (2 * block * size))  # probes at once
     grams = []
-    for start in range(0, x.shape[0], chunk):
-        jac = jacobian(params, x[start : start + chunk])  # name -> (b, s, *shape)
-        grams.append(sum(j.flatten(2) @ j.flatten(2).transpose(1, 2) for j in jac.values()))
+    for probes in chunks(x.shape[0], chunk):
+
+        def rows(part: slice, xs: Tensor = x[probes]) -> Params:  # name -> (b, |part|, numel)
+            def sampled(p: Params, xi: Tensor) -> Tensor:
+                return pre_activation(p, xi.unsqueeze(0))[0, neurons[part]]
+
+            jac = vmap(jacrev(sampled), in_dims=(None, 0))(params, xs)
+            return {name: j.flatten(2) for name, j in jac.items()}
+
+        grams.append(blocked_jacobian_gram(rows, len(neurons), block))
     return torch.cat(grams)

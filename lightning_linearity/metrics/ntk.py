@@ -30,7 +30,7 @@ Two paths compute the same numbers (the tests check both against an explicit Jac
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import torch
@@ -268,7 +268,7 @@ def _structured_ntk(net: LayeredNTKNet, x: Tensor, x2: Tensor | None, chunk_size
             if layer.mask is None:
                 _add_dense_layer_kernel(kernel, layer, c1, c2, d1, d2, weight, bias)
             else:
-                _add_masked_layer_kernel(kernel, layer, c1, c2, d1, d2, weight, bias, chunk_size)
+                _add_masked_layer_kernel(kernel, layer, c1, c2, d1, d2, weight, bias, chunk_size, x2 is None)
     kernel = kernel.reshape(n1 * k, n2 * k)
     if x2 is None:  # exact symmetry (the two triangles differ by rounding only)
         kernel = 0.5 * (kernel + kernel.T)
@@ -298,19 +298,30 @@ def _add_masked_layer_kernel(
     weight: bool,
     bias: bool,
     chunk_size: int | None,
+    symmetric: bool,
 ) -> None:
-    """K[i,a,j,b] += sum_r D1[i,a,r] D2[j,b,r] Q[i,j,r], Q = input_products(c1_i ⊙ c2_j), chunked over i."""
+    """K[i,a,j,b] += sum_r D1[i,a,r] D2[j,b,r] Q[i,j,r], Q = input_products(c1_i ⊙ c2_j), chunked over i.
+
+    ``symmetric`` (c2, d2 are c1, d1): each chunk of rows i is paired with the probes j >= its first row
+    only, and the part below the diagonal is filled in by transposition, halving the work.
+    """
     n1, k, m = d1.shape
     n2 = d2.shape[0]
     per_row = n2 * max(layer.in_features, k * m)
-    for rows in _chunks(n1, chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // per_row)):
-        products = c1[rows, None, :] * c2[None, :, :]  # (b, n2, in)
-        weights = input_products(layer, products, weight, bias)  # (b, n2, m)
-        weighted = (weights.unsqueeze(2) * d2.unsqueeze(0)).reshape(-1, n2 * k, m)  # (b, n2*k, m)
-        kernel[rows] += torch.bmm(d1[rows], weighted.transpose(1, 2)).view(-1, k, n2, k)
+    for rows in chunks(n1, chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // per_row)):
+        cols = slice(rows.start if symmetric else 0, n2)
+        products = c1[rows, None, :] * c2[None, cols, :]  # (b, nc, in)
+        weights = input_products(layer, products, weight, bias)  # (b, nc, m)
+        nc = weights.shape[1]
+        weighted = (weights.unsqueeze(2) * d2[cols].unsqueeze(0)).reshape(-1, nc * k, m)  # (b, nc*k, m)
+        block = torch.bmm(d1[rows], weighted.transpose(1, 2)).view(-1, k, nc, k)
+        kernel[rows, :, cols] += block
+        if symmetric:  # K[j, b, i, a] = K[i, a, j, b] for the probes j past this chunk
+            kernel[rows.stop :, :, rows] += block[:, :, rows.stop - rows.start :].permute(2, 3, 0, 1)
 
 
-def _chunks(n: int, size: int) -> Iterator[slice]:
+def chunks(n: int, size: int) -> Iterator[slice]:
+    """Consecutive slices of ``range(n)`` of at most ``size`` items."""
     for start in range(0, n, size):
         yield slice(start, min(start + size, n))
 
@@ -326,42 +337,51 @@ def _generic_ntk(
     if impl == "ntk_vp":
         chunk = chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // per_point)
         other = x if x2 is None else x2
-        rows = [_ntk_vp_rows(model, params, x[r], other) for r in _chunks(x.shape[0], chunk)]
+        rows = [_ntk_vp_rows(model, params, x[r], other) for r in chunks(x.shape[0], chunk)]
         kernel = torch.cat(rows).reshape(x.shape[0] * k, n2 * k)
         return 0.5 * (kernel + kernel.T) if x2 is None else kernel
     # two Jacobian blocks are alive at once
     chunk = chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // (2 * per_point))
-    return _jacobian_contraction(model, params, x, x2, chunk)
+    f1 = single_input_model(model)
+
+    def jacobian_rows(probes: Tensor) -> Params:  # J(x) per parameter tensor, (n*k, numel)
+        jac = vmap(jacrev(f1), in_dims=(None, 0))(params, probes)
+        return {name: j.reshape(j.shape[0] * j.shape[1], -1) for name, j in jac.items()}
+
+    return blocked_jacobian_gram(
+        lambda block: jacobian_rows(x[block]),
+        x.shape[0],
+        chunk,
+        None if x2 is None else (lambda block: jacobian_rows(x2[block]), n2),
+    )
 
 
-def _jacobian_rows(model: nn.Module, params: Params, x: Tensor) -> dict[str, Tensor]:
-    """J(x) per parameter tensor, each of shape (n*k, numel), by ``vmap(jacrev)`` over probe points."""
-    jac = vmap(jacrev(single_input_model(model)), in_dims=(None, 0))(params, x)
-    return {name: j.reshape(j.shape[0] * j.shape[1], -1) for name, j in jac.items()}
-
-
-def _contract(jac1: dict[str, Tensor], jac2: dict[str, Tensor]) -> Tensor:
-    return sum(jac1[name] @ jac2[name].T for name in jac1)
-
-
-def _jacobian_contraction(
-    model: nn.Module, params: Params, x: Tensor, x2: Tensor | None, chunk: int
+def blocked_jacobian_gram(
+    rows: Callable[[slice], Params],
+    n: int,
+    chunk: int,
+    other: tuple[Callable[[slice], Params], int] | None = None,
 ) -> Tensor:
-    """K = J(x) J(x2)^T block by block; each block's Jacobian is (re)computed when it is needed."""
-    other = x if x2 is None else x2
-    blocks1, blocks2 = list(_chunks(x.shape[0], chunk)), list(_chunks(other.shape[0], chunk))
-    rows = []
-    for a, r1 in enumerate(blocks1):
-        jac1 = _jacobian_rows(model, params, x[r1])
-        row = []
-        for b, r2 in enumerate(blocks2):
-            if x2 is None and b < a:  # symmetric: reuse the transposed block of an earlier row
-                row.append(rows[b][a].T)
-            else:
-                same = x2 is None and a == b
-                row.append(_contract(jac1, jac1 if same else _jacobian_rows(model, params, other[r2])))
-        rows.append(row)
-    return torch.cat([torch.cat(row, dim=1) for row in rows], dim=0)
+    """The Gram matrix sum_p J_p J'_p^T of two Jacobians, assembled block by block.
+
+    ``rows(block)`` returns, per parameter tensor p, the Jacobian rows of the items ``block`` of ``range(n)``,
+    flattened to (..., rows, numel) (leading batch dimensions allowed); ``other = (rows', n')`` gives the
+    second Jacobian, default the first (then blocks below the diagonal are transposes, not recomputed).
+    Only two blocks of ``chunk`` items are alive at once; a block is recomputed each time it is needed.
+    """
+    other_rows, n_other = other if other is not None else (rows, n)
+    grid: list[list[Tensor]] = []
+    for a, block1 in enumerate(chunks(n, chunk)):
+        jac1 = rows(block1)
+        line = []
+        for b, block2 in enumerate(chunks(n_other, chunk)):
+            if other is None and b < a:
+                line.append(grid[b][a].transpose(-1, -2))
+                continue
+            jac2 = jac1 if other is None and a == b else other_rows(block2)
+            line.append(sum(jac1[name] @ jac2[name].transpose(-1, -2) for name in jac1))
+        grid.append(line)
+    return torch.cat([torch.cat(line, dim=-1) for line in grid], dim=-2)
 
 
 def _ntk_vp_rows(model: nn.Module, params: Params, x_rows: Tensor, x2: Tensor) -> Tensor:

@@ -1,0 +1,125 @@
+"""The papers' claims a sweep checks, each printed next to what was measured.
+
+A claim in a sweep config names a metric column and one or more tests:
+
+``slope: [low, high]``
+    the fitted log-log exponent lies in [low, high] (e.g. [-0.7, -0.3] for Theta(1/sqrt(m))).
+``decreasing: true``
+    the per-width means decrease strictly as the width grows.
+``at_least: v`` / ``at_most: v``
+    every run (from ``min_width`` on, if given) has a value >= v / <= v.
+
+plus ``paper``: the claim in words, with its source.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from lightning_linearity.sweeps.fit import is_monotone_decreasing, width_means
+from lightning_linearity.sweeps.report import Fit, column_points, describe_fit
+
+_FIELDS = ("column", "paper", "slope", "decreasing", "at_least", "at_most", "min_width")
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One claim about a metric column (see the module docstring)."""
+
+    column: str
+    paper: str
+    slope: tuple[float, float] | None = None
+    decreasing: bool = False
+    at_least: float | None = None
+    at_most: float | None = None
+    min_width: int | None = None
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any], columns: Sequence[str]) -> Claim:
+        """A claim from its config entry, checked against the sweep's metric ``columns``.
+
+        Raises:
+            ValueError: unknown keys, a column the sweep does not collect, no test, a bad slope range.
+        """
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"a claim must be a mapping with keys out of {list(_FIELDS)}, got {raw!r}")
+        unknown = sorted(set(raw) - set(_FIELDS))
+        if unknown:
+            raise ValueError(f"claim {dict(raw)}: unknown key(s) {unknown}; valid keys: {list(_FIELDS)}")
+        column = raw.get("column")
+        if column not in columns:
+            raise ValueError(
+                f"claim about {column!r}: the sweep does not collect it; its columns are {list(columns)}"
+            )
+        slope = raw.get("slope")
+        if slope is not None:
+            if not isinstance(slope, Sequence) or len(slope) != 2 or not slope[0] <= slope[1]:
+                raise ValueError(f"claim about {column!r}: slope must be a range [low, high], got {slope!r}")
+            slope = (float(slope[0]), float(slope[1]))
+        claim = cls(
+            column=column,
+            paper=str(raw.get("paper", "")),
+            slope=slope,
+            decreasing=bool(raw.get("decreasing", False)),
+            at_least=raw.get("at_least"),
+            at_most=raw.get("at_most"),
+            min_width=raw.get("min_width"),
+        )
+        if claim.slope is None and not claim.decreasing and claim.at_least is None and claim.at_most is None:
+            raise ValueError(
+                f"claim about {column!r} tests nothing: give slope, decreasing, at_least or at_most"
+            )
+        return claim
+
+
+@dataclass(frozen=True)
+class ClaimResult:
+    """A checked claim: whether it held, and the measured numbers in words."""
+
+    claim: Claim
+    passed: bool
+    measured: str
+
+    def line(self) -> str:
+        verdict = "PASS" if self.passed else "FAIL"
+        return f"{verdict} `{self.claim.column}`: measured {self.measured}. Paper: {self.claim.paper}"
+
+
+def check_claim(claim: Claim, rows: Sequence[Mapping[str, Any]], fit: Fit) -> ClaimResult:
+    """Test ``claim`` on the runs ``rows`` and the column's fit."""
+    widths, values = column_points(rows, claim.column)
+    checks, measured = [], []
+    if claim.slope is not None:
+        low, high = claim.slope
+        ok = not isinstance(fit, str) and low <= fit.slope <= high
+        checks.append(ok)
+        measured.append(f"{describe_fit(fit)}, expected in [{low:g}, {high:g}]")
+    if claim.decreasing:
+        distinct, means, _ = width_means(widths, values)
+        ok = len(distinct) >= 2 and is_monotone_decreasing(widths, values)
+        checks.append(ok)
+        trend = " > ".join(f"{v:.3g}" for v in means) if len(means) else "no values"
+        measured.append(f"per-width means {trend} ({'decreasing' if ok else 'NOT decreasing'})")
+        if not isinstance(fit, str) and claim.slope is None:
+            measured.append(describe_fit(fit))
+    keep = widths >= (claim.min_width or 0)
+    scope = f" for m >= {claim.min_width}" if claim.min_width else ""
+    for bound, name, compare in (
+        (claim.at_least, "min", lambda v, b: v >= b),
+        (claim.at_most, "max", lambda v, b: v <= b),
+    ):
+        if bound is None:
+            continue
+        selected = values[keep]
+        ok = len(selected) > 0 and bool(compare(selected, bound).all())
+        checks.append(ok)
+        extreme = (min if name == "min" else max)(selected, default=math.nan)
+        sign = ">=" if name == "min" else "<="
+        measured.append(f"{name} over runs{scope} {extreme:.4g}, expected {sign} {bound:g}")
+    missing = len(rows) - len(values)
+    if missing:
+        measured.append(f"{missing} run(s) without a finite value")
+    return ClaimResult(claim, all(checks) and not missing, "; ".join(measured))

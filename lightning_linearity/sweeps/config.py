@@ -1,0 +1,315 @@
+"""What a width sweep runs: :class:`SweepConfig`, its checks, YAML loading, and the runs it expands to.
+
+A sweep trains (or only initialises) one model per (width, seed) pair, always in the papers' setting:
+full-batch gradient descent (SGD, no momentum) on the square loss L = 1/2 sum_i ||f(w; x_i) - y_i||^2 over
+the training split, which is also the probe set of every metric. A run is identified by the hash of
+everything that determines its result (:meth:`RunSpec.params`), so a sweep is resumable.
+
+YAML configs hold the fields of :class:`SweepConfig`, plus optionally ``claims`` (see
+:mod:`lightning_linearity.sweeps.claims`) and ``profiles``: named sets of field overrides, e.g. a reduced
+``ci`` profile or a ``paper`` profile with the papers' full width range.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lightning_linearity.sweeps.collect import check_metric_specs
+
+MODELS = ("NTKFCN", "NTKDenseNet", "MaskedDAGNet")
+DATA = ("digits", "gaussian")
+MODES = ("train", "init")
+#: The placeholder in ``model_args.widths`` replaced by the swept width, e.g. ``[1000, m, 1000]``.
+WIDTH_PLACEHOLDER = "m"
+#: Model arguments the sweep sets itself (the training is always plain full-batch GD on the square loss).
+RESERVED_MODEL_ARGS = (
+    "in_features",
+    "width",
+    "seed",
+    "mask_seed",
+    "lr",
+    "loss",
+    "optimizer",
+    "momentum",
+    "weight_decay",
+)
+#: Data arguments the sweep sets itself.
+RESERVED_DATA_ARGS = ("full_batch", "shuffle")
+DEFAULT_DATA: dict[str, Any] = {
+    "name": "digits",
+    "classes": [0, 1],
+    "num_samples": 10,
+    "normalize": "standard",
+}
+
+
+class SweepError(ValueError):
+    """A mistake in a sweep's configuration; the command line reports it in one line."""
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with tuples as lists and mappings as dicts (JSON/YAML-ready, hash-stable)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A width sweep.
+
+    Attributes:
+        widths: the swept widths m (positive integers, at least 3 distinct for a slope fit).
+        metrics: what to collect, each ``"name"`` or ``"name:reduction"`` (see
+            :mod:`lightning_linearity.sweeps.collect`), e.g. ``"kernel_change:max"``, ``"hessian_norm:init"``.
+        model: ``"NTKFCN"``, ``"NTKDenseNet"`` or ``"MaskedDAGNet"``.
+        model_args: further constructor arguments (``depth``, ``activation``, ``out_features``,
+            ``drop_prob``, ...). ``widths: [1000, m, 1000]`` sweeps a bottleneck: every entry ``m`` is
+            replaced by the swept width. ``in_features`` comes from the data; ``width``, ``seed``,
+            ``mask_seed`` and ``lr`` are set per run; ``loss``, ``optimizer``, ``momentum`` and
+            ``weight_decay`` are fixed to plain gradient descent on the square loss.
+        seeds: one run per seed and width; the seed draws the weights (and the mask of a masked DAG).
+        mode: ``"train"`` (full-batch gradient descent) or ``"init"`` (metrics at the initialisation only).
+        data: ``name`` (``"digits"`` or ``"gaussian"``) and the data module's arguments; the data are the
+            same for every run (their own ``seed``, default 0).
+        max_steps: gradient-descent steps at most (mode ``"train"``).
+        loss_threshold: stop once the training loss is below this (``None``: run ``max_steps``).
+        lr: a fixed step size, or ``None`` to use ``lr_scale``.
+        lr_scale: step size eta = lr_scale / lambda_max(K_0), with K_0 the NTK of each run's model at init
+            on the training batch. Gradient descent on the square loss is stable in the linear regime for
+            eta < 2 / lambda_max; near that edge it enters the "catapult" regime, where the kernel moves a
+            lot at any width.
+        every_n_steps: a metric round every this many steps (``None``: only at init and at the end).
+        monitor_args: per-metric options for :class:`~lightning_linearity.callbacks.LinearityMonitor`,
+            e.g. ``{"hessian_norm": {"max_iter": 200}, "grad_cosines": {"num_neurons": 128}}``.
+        out: output folder (CSV, markdown table, PNG plots, histories).
+        jobs: runs in parallel processes.
+        ci: slope interval, ``"t"`` (regression) or ``"bootstrap"``.
+        confidence: level of the slope interval.
+        reference_slope: slope of the reference line drawn in the plots (1/sqrt(m): -0.5).
+        name: the sweep's name, used in titles.
+        progress: show a progress bar over the runs.
+        claims: the papers' claims to check (see :mod:`lightning_linearity.sweeps.claims`).
+    """
+
+    widths: tuple[int, ...]
+    metrics: tuple[str, ...]
+    model: str = "NTKFCN"
+    model_args: Mapping[str, Any] = field(default_factory=dict)
+    seeds: tuple[int, ...] = (0,)
+    mode: str = "train"
+    data: Mapping[str, Any] = field(default_factory=lambda: dict(DEFAULT_DATA))
+    max_steps: int = 1000
+    loss_threshold: float | None = 1e-4
+    lr: float | None = None
+    lr_scale: float | None = 0.5
+    every_n_steps: int | None = 10
+    monitor_args: Mapping[str, Any] = field(default_factory=dict)
+    out: str = "sweep"
+    jobs: int = 1
+    ci: str = "t"
+    confidence: float = 0.95
+    reference_slope: float = -0.5
+    name: str = "sweep"
+    progress: bool = True
+    claims: tuple[Mapping[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("widths", "metrics", "seeds", "claims"):
+            value = getattr(self, name)
+            if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+                raise SweepError(f"{name} must be a list, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        for name in ("model_args", "data", "monitor_args"):
+            if not isinstance(getattr(self, name), Mapping):
+                raise SweepError(f"{name} must be a mapping, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, _plain(getattr(self, name)))
+        self._check()
+
+    # ------------------------------------------------------------------------------------- checks
+    def _check(self) -> None:
+        from lightning_linearity.sweeps.fit import CI_METHODS, MIN_WIDTHS
+
+        bad = [w for w in self.widths if not _is_int(w) or w < 1]
+        if bad or not self.widths:
+            raise SweepError(f"widths must be positive integers, got {list(self.widths)!r}")
+        if len(set(self.widths)) != len(self.widths):
+            raise SweepError(f"widths must not repeat, got {list(self.widths)}")
+        if len(self.widths) < MIN_WIDTHS:
+            raise SweepError(f"a slope fit needs at least {MIN_WIDTHS} widths, got {list(self.widths)}")
+        if (
+            not self.seeds
+            or any(not _is_int(s) or s < 0 for s in self.seeds)
+            or len(set(self.seeds)) != len(self.seeds)
+        ):
+            raise SweepError(f"seeds must be distinct non-negative integers, got {list(self.seeds)!r}")
+        if self.model not in MODELS:
+            raise SweepError(f"model must be one of {list(MODELS)}, got {self.model!r}")
+        if self.mode not in MODES:
+            raise SweepError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
+        reserved = sorted(set(self.model_args) & set(RESERVED_MODEL_ARGS))
+        if reserved:
+            raise SweepError(f"model_args must not set {reserved}: the sweep sets them per run")
+        template = self.model_args.get("widths")
+        if template is not None and (not isinstance(template, list) or WIDTH_PLACEHOLDER not in template):
+            raise SweepError(
+                f"model_args.widths must be a list containing the placeholder {WIDTH_PLACEHOLDER!r} for the "
+                f"swept width, e.g. [1000, {WIDTH_PLACEHOLDER}, 1000]; got {template!r}"
+            )
+        if self.data.get("name") not in DATA:
+            raise SweepError(f"data.name must be one of {list(DATA)}, got {self.data.get('name')!r}")
+        reserved = sorted(set(self.data) & set(RESERVED_DATA_ARGS))
+        if reserved:
+            raise SweepError(f"data must not set {reserved}: a sweep trains with full-batch gradient descent")
+        if not _is_int(self.max_steps) or self.max_steps < 1:
+            raise SweepError(f"max_steps must be a positive integer, got {self.max_steps!r}")
+        if self.every_n_steps is not None and (not _is_int(self.every_n_steps) or self.every_n_steps < 1):
+            raise SweepError(f"every_n_steps must be a positive integer or null, got {self.every_n_steps!r}")
+        if self.loss_threshold is not None and not _positive(self.loss_threshold):
+            raise SweepError(f"loss_threshold must be a positive number or null, got {self.loss_threshold!r}")
+        if (self.lr is None) == (self.lr_scale is None):
+            raise SweepError(
+                "give exactly one of lr (a fixed step size) and lr_scale (eta = lr_scale / lambda_max(K_0))"
+            )
+        for name in ("lr", "lr_scale"):
+            value = getattr(self, name)
+            if value is not None and not _positive(value):
+                raise SweepError(f"{name} must be a positive number, got {value!r}")
+        if not _is_int(self.jobs) or self.jobs < 1:
+            raise SweepError(f"jobs must be a positive integer, got {self.jobs!r}")
+        if self.ci not in CI_METHODS:
+            raise SweepError(f"ci must be one of {list(CI_METHODS)}, got {self.ci!r}")
+        if not _positive(self.confidence) or self.confidence >= 1:
+            raise SweepError(f"confidence must be in (0, 1), got {self.confidence!r}")
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise SweepError(f"the output folder {self.out!r} is a file; give a folder path")
+        try:
+            check_metric_specs(self.metrics, self.mode)
+        except ValueError as err:
+            raise SweepError(str(err)) from None
+
+    # ------------------------------------------------------------------------------------- runs
+    def runs(self) -> list[RunSpec]:
+        """One :class:`RunSpec` per (width, seed), widths ascending."""
+        return [RunSpec(self, width, seed) for width in sorted(self.widths) for seed in self.seeds]
+
+    def model_kwargs(self, width: int) -> dict[str, Any]:
+        """``model_args`` at width ``width``: the placeholder in ``widths`` replaced, ``width`` set."""
+        kwargs = dict(self.model_args)
+        if "widths" in kwargs:
+            kwargs["widths"] = [width if w == WIDTH_PLACEHOLDER else w for w in kwargs["widths"]]
+        kwargs["width"] = width
+        return kwargs
+
+    def data_kwargs(self) -> dict[str, Any]:
+        """The data module's arguments (without ``name``), full-batch."""
+        kwargs = {k: v for k, v in self.data.items() if k != "name"}
+        return {**kwargs, "full_batch": True, "shuffle": False}
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(asdict(self))
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < math.inf
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of a sweep: the config at one width and one seed."""
+
+    config: SweepConfig
+    width: int
+    seed: int
+
+    def params(self) -> dict[str, Any]:
+        """Everything that determines this run's result (not where it is written, nor how it is reported)."""
+        c = self.config
+        return _plain(
+            {
+                "model": c.model,
+                "model_args": c.model_kwargs(self.width),
+                "seed": self.seed,
+                "data": c.data,
+                "mode": c.mode,
+                "max_steps": c.max_steps if c.mode == "train" else 0,
+                "loss_threshold": c.loss_threshold if c.mode == "train" else None,
+                "lr": c.lr,
+                "lr_scale": c.lr_scale,
+                "every_n_steps": c.every_n_steps if c.mode == "train" else None,
+                "metrics": sorted(c.metrics),
+                "monitor_args": c.monitor_args,
+            }
+        )
+
+    @property
+    def run_id(self) -> str:
+        """First 16 hex digits of the SHA-256 of :meth:`params` as canonical JSON."""
+        text = json.dumps(self.params(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------- loading
+CONFIG_FIELDS = tuple(f.name for f in fields(SweepConfig))
+
+
+def load_config_file(path: str | Path, profile: str | None = None) -> dict[str, Any]:
+    """The fields of a YAML sweep config, with the overrides of ``profile`` applied.
+
+    Raises:
+        SweepError: missing or unreadable file, not a mapping, unknown keys, unknown profile.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SweepError(f"config file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise SweepError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    if not isinstance(raw, Mapping):
+        raise SweepError(f"config file {str(path)!r} must hold a mapping of sweep fields")
+    raw = dict(raw)
+    profiles = raw.pop("profiles", None) or {}
+    check_fields(raw, f"config file {str(path)!r}")
+    if profile is not None:
+        if profile not in profiles:
+            raise SweepError(
+                f"config file {str(path)!r} has no profile {profile!r}; profiles: {sorted(profiles)}"
+            )
+        check_fields(profiles[profile], f"profile {profile!r}")
+        raw.update(profiles[profile])
+    return raw
+
+
+def check_fields(values: Mapping[str, Any], where: str) -> None:
+    unknown = sorted(set(values) - set(CONFIG_FIELDS))
+    if unknown:
+        raise SweepError(f"{where}: unknown field(s) {unknown}; valid fields: {list(CONFIG_FIELDS)}")
+
+
+def make_config(values: Mapping[str, Any]) -> SweepConfig:
+    """A :class:`SweepConfig` from a mapping of fields (missing required fields are a :class:`SweepError`)."""
+    check_fields(values, "sweep config")
+    missing = [name for name in ("widths", "metrics") if values.get(name) is None]
+    if missing:
+        raise SweepError(
+            f"the sweep needs {' and '.join(missing)} (in the config file or on the command line)"
+        )
+    try:
+        return SweepConfig(**values)
+    except TypeError as err:
+        raise SweepError(f"bad sweep config: {err}") from None

@@ -1,0 +1,154 @@
+"""What a sweep reports: fitted exponents per metric column, a markdown table, log-log PNG plots.
+
+Every figure is built on matplotlib's object API with an Agg canvas (pyplot's global state and backend
+are never touched).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from lightning_linearity.sweeps.config import SweepConfig
+from lightning_linearity.sweeps.fit import MIN_WIDTHS, SlopeFit, fit_loglog, width_means
+
+#: A fitted column, or the reason it was not fitted.
+Fit = SlopeFit | str
+
+
+def column_points(rows: Sequence[Mapping[str, Any]], column: str) -> tuple[np.ndarray, np.ndarray]:
+    """(widths, values) of the runs with a finite value in ``column``."""
+    pairs = [(row["width"], row.get(column, math.nan)) for row in rows]
+    pairs = [(m, v) for m, v in pairs if isinstance(v, int | float) and math.isfinite(v)]
+    return np.array([m for m, _ in pairs], dtype=float), np.array([v for _, v in pairs], dtype=float)
+
+
+def fit_column(rows: Sequence[Mapping[str, Any]], column: str, config: SweepConfig) -> Fit:
+    """The log-log fit of ``column`` over the runs with finite values, or why there is none."""
+    widths, values = column_points(rows, column)
+    dropped = len(rows) - len(values)
+    note = f" ({dropped} run(s) without a finite value)" if dropped else ""
+    if (values <= 0).any():
+        return f"not fitted: {int((values <= 0).sum())} run(s) have values <= 0, no logarithm{note}"
+    if len(np.unique(widths)) < MIN_WIDTHS:
+        return f"not fitted: fewer than {MIN_WIDTHS} widths with finite values{note}"
+    return fit_loglog(widths, values, confidence=config.confidence, method=config.ci)
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of a name: ``grad_cosine/layer_2:last`` -> ``grad_cosine_layer_2_last``."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
+
+
+def describe_fit(fit: Fit) -> str:
+    """``slope -0.512 (95% CI [-0.601, -0.423])`` or the reason for no fit."""
+    if isinstance(fit, str):
+        return fit
+    return f"slope {fit.slope:.3f} ({fit.confidence:.0%} CI [{fit.ci_low:.3f}, {fit.ci_high:.3f}])"
+
+
+def write_plot(
+    path: Path, config: SweepConfig, column: str, rows: Sequence[Mapping[str, Any]], fit: SlopeFit
+) -> None:
+    """Runs, per-width means, the fitted power law and the reference m^{reference_slope}, on log-log axes.
+
+    The reference line goes through the fitted line at the geometric mean of the widths, so the two
+    slopes can be compared by eye.
+    """
+    widths, values = column_points(rows, column)
+    distinct, means, stds = width_means(widths, values)
+    figure = Figure(figsize=(5.5, 4.0), dpi=100)
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    ax.scatter(widths, values, s=12, alpha=0.45, color="tab:blue", label="runs")
+    ax.errorbar(
+        distinct, means, yerr=stds, fmt="o", color="tab:blue", capsize=3, label="mean ± std over seeds"
+    )
+    grid = np.geomspace(distinct.min(), distinct.max(), 100)
+    ax.plot(grid, fit.predict(grid), color="tab:red", label=f"fit: {describe_fit(fit)}")
+    center = float(np.exp(np.log(distinct).mean()))
+    reference = fit.predict(center) * (grid / center) ** config.reference_slope
+    ax.plot(grid, reference, "--", color="gray", label=f"reference m^{config.reference_slope:g}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("width m")
+    ax.set_ylabel(column)
+    ax.set_title(f"{config.name}: {config.model}", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def _mean_cell(values: Sequence[Any]) -> str:
+    """The mean of the finite numbers among ``values`` (``nan`` if none)."""
+    finite = [float(v) for v in values if isinstance(v, int | float) and math.isfinite(v)]
+    return f"{np.mean(finite):.4g}" if finite else "nan"
+
+
+def markdown_report(
+    config: SweepConfig,
+    rows: Sequence[Mapping[str, Any]],
+    fits: Mapping[str, Fit],
+    claim_lines: Sequence[str] = (),
+) -> str:
+    """The sweep's markdown report: setting, fitted exponents, claims, and per-width means."""
+    step = (
+        f"eta = {config.lr_scale:g} / lambda_max(K_0) per run"
+        if config.lr is None
+        else f"eta = {config.lr:g}"
+    )
+    stop = (
+        f"until L < {config.loss_threshold:g} or {config.max_steps} steps"
+        if config.loss_threshold
+        else (f"{config.max_steps} steps")
+    )
+    training = (
+        f"full-batch GD on the square loss, {step}, {stop}" if config.mode == "train" else "at init only"
+    )
+    lines = [
+        f"## Sweep `{config.name}`: {config.model} {dict(config.model_args)}",
+        "",
+        f"Data {dict(config.data)}; {training}; widths {sorted(config.widths)}, seeds {list(config.seeds)} "
+        f"({len(rows)} runs).",
+        "",
+        f"| metric | fitted exponent | {config.confidence:.0%} CI ({config.ci}) | R² | runs | reference |",
+        "|---|---|---|---|---|---|",
+    ]
+    for column, fit in fits.items():
+        if isinstance(fit, str):
+            lines.append(f"| `{column}` | {fit} | | | | |")
+        else:
+            lines.append(
+                f"| `{column}` | {fit.slope:.3f} | [{fit.ci_low:.3f}, {fit.ci_high:.3f}] "
+                f"| {fit.r_squared:.3f} "
+                f"| {fit.num_runs} | {config.reference_slope:g} |"
+            )
+    if claim_lines:
+        lines += ["", *[f"- {line}" for line in claim_lines]]
+    diagnostics = ["lr", "eta_lambda_max", "max_loss_ratio", "steps", "final_loss"]
+    if config.mode == "init":
+        diagnostics = ["lr"]
+    columns = [*fits, *diagnostics]
+    lines += [
+        "",
+        "Per width, mean over seeds (eta_lambda_max = eta * max_t lambda_max(K_t); max_loss_ratio = "
+        "max_t L_{t+1} / L_t):",
+        "",
+        "| m | " + " | ".join(f"`{c}`" for c in columns) + " | status |",
+        "|---|" + "---|" * (len(columns) + 1),
+    ]
+    for width in sorted(config.widths):
+        at_width = [row for row in rows if row["width"] == width]
+        cells = [_mean_cell([row.get(c) for row in at_width]) for c in columns]
+        statuses = sorted({row["status"] for row in at_width})
+        status = ", ".join(f"{sum(row['status'] == s for row in at_width)} {s}" for s in statuses)
+        lines.append(f"| {width} | " + " | ".join(cells) + f" | {status} |")
+    return "\n".join(lines) + "\n"

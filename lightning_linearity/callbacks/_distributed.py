@@ -13,6 +13,7 @@ that a failure could skip.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +39,9 @@ def gather_rows(strategy: Strategy, rows: Tensor, n: int) -> Tensor:
     padded = max(s.stop - s.start for s in shares)
     buffer = rows.new_zeros((padded, *rows.shape[1:]))
     buffer[: rows.shape[0]] = rows
-    gathered = strategy.all_gather(buffer)  # (world_size, padded, ...)
+    with warnings.catch_warnings():  # Lightning gathers through a torch function that warns it is deprecated
+        warnings.filterwarnings("ignore", message=".*all_gather is deprecated.*")
+        gathered = strategy.all_gather(buffer)  # (world_size, padded, ...)
     return torch.cat([gathered[r, : s.stop - s.start] for r, s in enumerate(shares)])
 
 

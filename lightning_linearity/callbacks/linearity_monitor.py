@@ -390,14 +390,12 @@ class LinearityMonitor(Callback):
                 result, error = compute(*args), None
             except Exception as err:
                 result, error = None, err
-        for warning in caught:
-            reason = re.sub(r"\d+", "#", str(warning.message))  # counts differ from round to round
-            self._warn_once(
-                (stage.metrics, warning.category, reason),
-                f"LinearityMonitor ({', '.join(stage.metrics)}): {warning.message} (reported once)",
-                warning.category,
-                local=True,
-            )
+        for warning in caught:  # once per stage and reason (counts vary between rounds), from its origin
+            key = (stage.metrics, warning.category, re.sub(r"\d+", "#", str(warning.message)))
+            if key not in self._warned:
+                self._warned.add(key)
+                message = f"LinearityMonitor ({', '.join(stage.metrics)}): {warning.message} (reported once)"
+                warnings.warn_explicit(message, warning.category, warning.filename, warning.lineno)
         return result, error
 
     def _agreed(self, strategy: Strategy, what: str, error: BaseException | None, step: int) -> bool:

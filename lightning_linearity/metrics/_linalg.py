@@ -86,6 +86,24 @@ def random_unit_vectors(
     return v / torch.linalg.vector_norm(v, dim=-1, keepdim=True)
 
 
+def _reorthogonalize(w: Tensor, basis: Tensor) -> Tensor:
+    """Make each ``w[b]`` orthogonal to the rows of ``basis[b]`` in place; return the new norms ||w[b]||.
+
+    Classical Gram–Schmidt against the whole basis, repeated once more only if the first pass removed
+    more than half of the squared norm (the DGKS criterion; "twice is enough", Parlett). After the
+    three-term recurrence the first pass removes only rounding errors, so the repeat is rare.
+    """
+    norm = torch.linalg.vector_norm(w, dim=-1)
+    for _ in range(2):
+        # row-vector products (1 x P)(P x j) read the basis contiguously: several times faster than Q @ w
+        row = w.unsqueeze(1)
+        row.baddbmm_(torch.bmm(row, basis.transpose(1, 2)), basis, alpha=-1)
+        previous, norm = norm, torch.linalg.vector_norm(w, dim=-1)
+        if not (norm < previous / 2**0.5).any():
+            break
+    return norm
+
+
 def lanczos(
     matvec: BatchedMatvec,
     batch: int,
@@ -101,7 +119,8 @@ def lanczos(
 
     For each element, with q_1 a random unit vector, step j computes
 
-        w = A q_j,  alpha_j = q_j^T w,  w <- w - Q_j (Q_j^T w) (twice),  beta_j = ||w||,  q_{j+1} = w / beta_j
+        w = A q_j - beta_{j-1} q_{j-1},  alpha_j = q_j^T w,  w <- w - alpha_j q_j,
+        w <- w - Q_j (Q_j^T w)  (full reorthogonalisation),  beta_j = ||w||,  q_{j+1} = w / beta_j
 
     so that Q_j^T A Q_j = T_j, the tridiagonal matrix with diagonal alpha and off-diagonal beta. With the
     eigen-pairs (theta_i, s_i) of T_j, the Ritz value of largest magnitude theta = theta_* has the residual
@@ -128,6 +147,7 @@ def lanczos(
     check_solver_options(tol, max_iter)
     steps = min(max_iter, dim)
     q = random_unit_vectors(batch, dim, generator=generator, dtype=dtype, device=device)
+    q_previous, beta = torch.zeros_like(q), torch.zeros(batch, dtype=dtype, device=device)  # q_0, beta_0
     basis = torch.empty(batch, min(steps, 16), dim, dtype=dtype, device=device)  # Q, grown on demand
     alphas = torch.zeros(batch, steps, dtype=torch.float64)
     betas = torch.zeros(batch, steps, dtype=torch.float64)
@@ -144,14 +164,8 @@ def lanczos(
         basis[:, j] = q
         w = matvec(q, active.to(device))
         alpha = (q * w).sum(dim=-1)
-        w = w - alpha[:, None] * q
-        Q = basis[:, : j + 1]
-        w = w.unsqueeze(1)
-        for _ in range(2):  # "twice is enough" (Kahan–Parlett) for full reorthogonalisation
-            # row-vector products (1 x P)(P x j) read Q contiguously: several times faster than Q @ w
-            w = torch.baddbmm(w, torch.bmm(w, Q.transpose(1, 2)), Q, alpha=-1)
-        w = w.squeeze(1)
-        beta = torch.linalg.vector_norm(w, dim=-1)
+        w = w - alpha[:, None] * q - beta[:, None] * q_previous
+        q_previous, beta = q, _reorthogonalize(w, basis[:, : j + 1])
         alphas[active, j] = _check_finite_products(alpha.to("cpu", torch.float64))
         betas[active, j] = _check_finite_products(beta.to("cpu", torch.float64))
         iterations[active] += 1
@@ -170,7 +184,9 @@ def lanczos(
             break
         if done.any():
             keep = (~done).to(device)
-            active, basis, w, beta = active[~done], basis[keep], w[keep], beta[keep]
+            active, basis, w, beta, q_previous = (
+                active[~done], basis[keep], w[keep], beta[keep], q_previous[keep]
+            )
         q = w / beta[:, None]
     return EigenResult(
         eigenvalue.to(device=device, dtype=dtype),

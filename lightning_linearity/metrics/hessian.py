@@ -116,8 +116,6 @@ def hessian_spectral_norm(
     check_solver_options(tol, max_iter)
     params = trainable_parameters(model)
     n, q = evaluate(model, x).shape
-    if n == 0:
-        raise ValueError("the probe set x is empty; give at least one probe point")
     slices = chunk_slices(n, chunk_size)
     check_differentiable(model, x)
     dtype, device = next(iter(params.values())).dtype, next(iter(params.values())).device

@@ -1,7 +1,13 @@
-"""lightning-linearity: watch wide networks transition to linearity in PyTorch Lightning."""
+"""lightning-linearity: watch wide networks transition to linearity in PyTorch Lightning.
 
+Public API: the NTK-parameterised LightningModules :class:`NTKFCN`, :class:`NTKDenseNet` and
+:class:`MaskedDAGNet`, the :class:`LinearityMonitor` callback, and the metric functions in
+:mod:`lightning_linearity.metrics`.
+"""
+
+from lightning_linearity.callbacks import LinearityMonitor
 from lightning_linearity.models import LinearityModule, MaskedDAGNet, NTKDenseNet, NTKFCN
 
 __version__ = "0.1.0"
 
-__all__ = ["LinearityModule", "MaskedDAGNet", "NTKDenseNet", "NTKFCN", "__version__"]
+__all__ = ["LinearityModule", "LinearityMonitor", "MaskedDAGNet", "NTKDenseNet", "NTKFCN", "__version__"]

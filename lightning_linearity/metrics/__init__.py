@@ -1,0 +1,38 @@
+"""Linearity metrics as pure functions of ``(model, inputs[, reference])`` (MATH.md section 2).
+
+No Lightning import here: these work on any ``torch.nn.Module`` mapping (n, ...) to (n, k), with fast
+structured paths for the package's own networks. None of them changes the model's parameters, ``.grad``,
+train/eval mode or torch's global random state.
+
+=============================  ==================================================================
+``empirical_ntk``              K[(i,a),(j,b)] = <df_a(x_i)/dw, df_b(x_j)/dw>                 (2.1)
+``kernel_spectrum``            lambda_min, lambda_max, condition number and trace of K        (2.2)
+``pl_ratio``                   realised ||grad L||^2 / (2 L) >= lambda_min(K)                 (2.2)
+``relative_kernel_change``     ||K_t - K_0|| / ||K_0||                                         (2.3)
+``hessian_spectral_norm``      ||d^2 f_a(x_i) / dw^2||_2 by Lanczos on Hessian-vector products (2.4)
+``neuron_gradient_cosines``    mean |cos| between the gradients of a layer's neurons          (2.5)
+``linearization_error``        |f(w) - f_lin(w)| with f_lin the first-order expansion at w_0 (2.6)
+``distance_from_init``         R = ||w - w_0||                                                 (2.6)
+=============================  ==================================================================
+"""
+
+from lightning_linearity.metrics.cosines import neuron_gradient_cosines
+from lightning_linearity.metrics.hessian import HessianInfo, hessian_spectral_norm
+from lightning_linearity.metrics.kernel_change import relative_kernel_change
+from lightning_linearity.metrics.linearization import LinearizationError, distance_from_init, linearization_error
+from lightning_linearity.metrics.ntk import empirical_ntk
+from lightning_linearity.metrics.pl import KernelSpectrum, kernel_spectrum, pl_ratio
+
+__all__ = [
+    "HessianInfo",
+    "KernelSpectrum",
+    "LinearizationError",
+    "distance_from_init",
+    "empirical_ntk",
+    "hessian_spectral_norm",
+    "kernel_spectrum",
+    "linearization_error",
+    "neuron_gradient_cosines",
+    "pl_ratio",
+    "relative_kernel_change",
+]

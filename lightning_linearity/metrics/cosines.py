@@ -50,12 +50,14 @@ from lightning_linearity.metrics.ntk import (
     check_chunk_size,
     check_probes,
     chunks,
-    input_products,
     structured_net,
     trace_net,
     trainable_flags,
 )
+from lightning_linearity.nets.layers import NTKLinear
 from lightning_linearity.nets.network import LayeredNTKNet
+
+__all__ = ["neuron_gradient_cosines"]
 
 Method = Literal["auto", "structured", "generic"]
 Reduction = Literal["mean", "none"]
@@ -164,10 +166,27 @@ def _structured_gram(
             for layer, c, jac in zip(net.layers[:index], trace.inputs[:index], jacobians, strict=True):
                 weight, bias = trainable_flags(layer)
                 if weight or bias:
-                    private = input_products(layer, c * c, weight, bias)  # g_k, (b, m_k)
+                    private = _private_gradient_energy(layer, c, weight, bias)  # g_k, (b, m_k)
                     gram += (jac * private.unsqueeze(1)) @ jac.transpose(1, 2)
         grams.append(gram)
     return torch.cat(grams)
+
+
+def _private_gradient_energy(layer: NTKLinear, c: Tensor, weight: bool, bias: bool) -> Tensor:
+    """g_k[i, q] = (sum_t M[q,t] c[i,t]^2 + 1[bias]) / deg[q] = ||d z_k[q] / d(row q of W_k, b_k[q])||^2.
+
+    ``weight``/``bias`` say which of the two are trainable. ``c`` has shape (n, in); returns (n, out).
+    """
+    squares = c * c
+    if not weight:
+        energy = c.new_zeros(c.shape[0], layer.out_features)
+    elif layer.mask is None:
+        energy = squares.sum(dim=1, keepdim=True).expand(-1, layer.out_features)
+    else:
+        energy = squares @ layer.mask.to(c.dtype).T
+    if bias:
+        energy = energy + 1.0
+    return energy / layer.in_degree.to(c.dtype)
 
 
 def _generic_gram(

@@ -16,6 +16,8 @@ from torch import Tensor
 
 from lightning_linearity.metrics._functional import check_finite
 
+__all__ = ["relative_kernel_change"]
+
 Norm = Literal["spectral", "fro"]
 _MATRIX_NORM_ORD = {"spectral": 2, "fro": "fro"}
 

@@ -52,6 +52,8 @@ from lightning_linearity.nets.dag import dense_source_sizes
 from lightning_linearity.nets.layers import NTKLinear
 from lightning_linearity.nets.network import LayeredNTKNet, NetworkTrace
 
+__all__ = ["DEFAULT_CHUNK_ELEMENTS", "empirical_ntk"]
+
 Method = Literal["auto", "structured", "generic"]
 GenericImpl = Literal["jacobian", "ntk_vp"]
 
@@ -84,6 +86,9 @@ def empirical_ntk(
             only used on the generic path.
         chunk_size: probe points of ``x`` processed at once (generic path; structured path with masked
             layers). ``None`` sizes chunks so that no intermediate exceeds ``DEFAULT_CHUNK_ELEMENTS``.
+            Memory: structured, O((n1*k)(n2*k) + n*k*width) plus the masked chunks; generic
+            ``"jacobian"``, two Jacobian blocks of chunk*k*P entries (blocks are recomputed when the whole
+            Jacobian does not fit); ``"ntk_vp"``, one block of chunk*k*P entries, nothing recomputed.
 
     Returns:
         K of shape (n*k, n*k) with row/column index i*k + a, symmetric positive semi-definite; or the
@@ -228,24 +233,6 @@ def trainable_flags(layer: NTKLinear) -> tuple[bool, bool]:
     return layer.weight.requires_grad, layer.bias is not None and layer.bias.requires_grad
 
 
-def input_products(layer: NTKLinear, products: Tensor, weight: bool, bias: bool) -> Tensor:
-    """``(sum_s M[r,s] p[..., s]  + 1[bias]) / deg[r]`` for products p = c_i ⊙ c_j of shape (..., in).
-
-    The inner product of neuron r's private parameter gradients for two probes i, j (up to the deltas):
-    the weight row contributes sum_s M[r,s] c_i[s] c_j[s] / deg[r], the bias 1 / deg[r]. ``weight``/``bias``
-    say which of them are trainable. Returns shape (..., out).
-    """
-    if not weight:
-        summed = products.new_zeros(*products.shape[:-1], layer.out_features)
-    elif layer.mask is None:
-        summed = products.sum(dim=-1, keepdim=True).expand(*products.shape[:-1], layer.out_features)
-    else:
-        summed = products @ layer.mask.to(products.dtype).T
-    if bias:
-        summed = summed + 1.0
-    return summed / layer.in_degree.to(products.dtype)
-
-
 def _structured_ntk(net: LayeredNTKNet, x: Tensor, x2: Tensor | None, chunk_size: int | None) -> Tensor:
     trace1 = trace_net(net, x)
     k = net.out_features
@@ -263,12 +250,13 @@ def _structured_ntk(net: LayeredNTKNet, x: Tensor, x2: Tensor | None, chunk_size
             net.layers, trace1.inputs, trace2.inputs, deltas1, deltas2, strict=True
         ):
             weight, bias = trainable_flags(layer)
-            if not (weight or bias):
-                continue
             if layer.mask is None:
                 _add_dense_layer_kernel(kernel, layer, c1, c2, d1, d2, weight, bias)
-            else:
-                _add_masked_layer_kernel(kernel, layer, c1, c2, d1, d2, weight, bias, chunk_size, x2 is None)
+                continue
+            if bias:  # the bias is an unmasked input: its term has the unmasked form, C C^T = 0
+                _add_dense_layer_kernel(kernel, layer, c1, c2, d1, d2, False, True)
+            if weight:
+                _add_masked_layer_kernel(kernel, layer, c1, c2, d1, d2, chunk_size, x2 is None)
     kernel = kernel.reshape(n1 * k, n2 * k)
     if x2 is None:  # exact symmetry (the two triangles differ by rounding only)
         kernel = 0.5 * (kernel + kernel.T)
@@ -279,6 +267,8 @@ def _add_dense_layer_kernel(
     kernel: Tensor, layer: NTKLinear, c1: Tensor, c2: Tensor, d1: Tensor, d2: Tensor, weight: bool, bias: bool
 ) -> None:
     """K += (C1 C2^T + 1) ⊙ (D1 diag(1/deg) D2^T): one Gram matrix of inputs shared by all neurons."""
+    if not (weight or bias):
+        return
     n1, k, m = d1.shape
     n2 = d2.shape[0]
     inputs_gram = c1 @ c2.T if weight else c1.new_zeros(n1, n2)
@@ -295,25 +285,25 @@ def _add_masked_layer_kernel(
     c2: Tensor,
     d1: Tensor,
     d2: Tensor,
-    weight: bool,
-    bias: bool,
     chunk_size: int | None,
     symmetric: bool,
 ) -> None:
-    """K[i,a,j,b] += sum_r D1[i,a,r] D2[j,b,r] Q[i,j,r], Q = input_products(c1_i ⊙ c2_j), chunked over i.
+    """K[i,a,j,b] += sum_r D1[i,a,r] D2[j,b,r] / deg[r] * Q[i,j,r],  Q[i,j,r] = sum_s M[r,s] c1[i,s] c2[j,s].
 
-    ``symmetric`` (c2, d2 are c1, d1): each chunk of rows i is paired with the probes j >= its first row
-    only, and the part below the diagonal is filled in by transposition, halving the work.
+    Q is one GEMM (c1_i ⊙ c2_j) @ M^T per chunk of rows i (1/deg is folded into D2). ``symmetric`` (c2, d2
+    are c1, d1): each chunk of rows i is paired with the probes j >= its first row only, and the part below
+    the diagonal is filled in by transposition, halving the work.
     """
     n1, k, m = d1.shape
     n2 = d2.shape[0]
+    mask_t = layer.mask.to(c1.dtype).T
+    d2 = d2 / layer.in_degree.to(d2.dtype)
     per_row = n2 * max(layer.in_features, k * m)
     for rows in chunks(n1, chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // per_row)):
         cols = slice(rows.start if symmetric else 0, n2)
-        products = c1[rows, None, :] * c2[None, cols, :]  # (b, nc, in)
-        weights = input_products(layer, products, weight, bias)  # (b, nc, m)
-        nc = weights.shape[1]
-        weighted = (weights.unsqueeze(2) * d2[cols].unsqueeze(0)).reshape(-1, nc * k, m)  # (b, nc*k, m)
+        masked_gram = (c1[rows, None, :] * c2[None, cols, :]) @ mask_t  # Q, (b, nc, m)
+        nc = masked_gram.shape[1]
+        weighted = (masked_gram.unsqueeze(2) * d2[cols].unsqueeze(0)).reshape(-1, nc * k, m)  # (b, nc*k, m)
         block = torch.bmm(d1[rows], weighted.transpose(1, 2)).view(-1, k, nc, k)
         kernel[rows, :, cols] += block
         if symmetric:  # K[j, b, i, a] = K[i, a, j, b] for the probes j past this chunk

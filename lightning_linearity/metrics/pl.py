@@ -26,6 +26,8 @@ from lightning_linearity.metrics._functional import (
 )
 from lightning_linearity.metrics.ntk import check_probes
 
+__all__ = ["KernelSpectrum", "kernel_spectrum", "pl_ratio"]
+
 
 @dataclass(frozen=True)
 class KernelSpectrum:

@@ -10,7 +10,8 @@ Theorem 3.6, Figure 2). Outputs in the ``out`` folder:
 * ``runs.csv``: one row per run (keyed by the hash of its parameters; a rerun skips finished runs),
   ``histories.jsonl``: every run's metric rounds and losses;
 * ``<name>.md``: the fitted exponents, the claims checked, per-width means and step-size diagnostics;
-* ``<name>_<metric>.png``: metric vs width, log-log, with the fitted line and the 1/sqrt(m) reference.
+* ``<name>_<metric>.png``: metric vs width, log-log, with the fitted line and the 1/sqrt(m) reference;
+  ``<name>_<quantity>_vs_step.png`` for the ``curves`` of the config: the quantity along training.
 
 Command line (``lightning-linearity sweep ...`` or ``python -m lightning_linearity.sweep ...``)::
 
@@ -36,10 +37,12 @@ from typing import Any
 import yaml
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
+from lightning_linearity.callbacks.linearity_monitor import LinearityMonitor
 from lightning_linearity.sweeps.claims import Claim, ClaimResult, check_claim
-from lightning_linearity.sweeps.collect import REDUCTIONS, check_metric_specs, monitor_metrics
+from lightning_linearity.sweeps.collect import REDUCTIONS, check_metric_specs, curve_specs, monitor_metrics
 from lightning_linearity.sweeps.config import (
     DEFAULT_DATA,
+    FIT_AGAINST,
     SweepConfig,
     SweepError,
     load_config_file,
@@ -47,7 +50,14 @@ from lightning_linearity.sweeps.config import (
 )
 from lightning_linearity.sweeps.fit import CI_METHODS, SlopeFit
 from lightning_linearity.sweeps.pool import run_pending
-from lightning_linearity.sweeps.report import Fit, fit_column, markdown_report, slug, write_plot
+from lightning_linearity.sweeps.report import (
+    Fit,
+    fit_column,
+    markdown_report,
+    slug,
+    write_curves,
+    write_plot,
+)
 from lightning_linearity.sweeps.run import build_data, build_model, execute_run
 from lightning_linearity.sweeps.store import RunStore
 
@@ -102,6 +112,7 @@ def _preflight(config: SweepConfig) -> tuple[list[str], list[Claim]]:
     Returns the metric columns the sweep fills and its parsed claims.
     """
     specs = check_metric_specs(config.metrics, config.mode)
+    curves = curve_specs(config.curves, config.mode)
     try:
         data = build_data(config)
     except (TypeError, ValueError) as err:
@@ -114,9 +125,7 @@ def _preflight(config: SweepConfig) -> tuple[list[str], list[Claim]]:
         ) from None
     layer_names = model.layered_net.hidden_layer_names
     try:
-        from lightning_linearity.callbacks.linearity_monitor import LinearityMonitor
-
-        LinearityMonitor(metrics=monitor_metrics(specs, config.monitor_args, layer_names))
+        LinearityMonitor(metrics=monitor_metrics([*specs, *curves], config.monitor_args, layer_names))
     except (ValueError, MisconfigurationException) as err:
         raise SweepError(str(err)) from None
     columns = [column for spec in specs for column, _ in spec.columns(layer_names)]
@@ -155,6 +164,11 @@ def run_sweep(config: SweepConfig) -> SweepResult:
             path = out / f"{slug(config.name)}_{slug(column)}.png"
             write_plot(path, config, column, rows, fit)
             result.files[column] = path
+    histories = store.histories(row["run_id"] for row in rows) if config.curves else {}
+    for name in config.curves:
+        path = out / f"{slug(config.name)}_{slug(name)}_vs_step.png"
+        write_curves(path, config, name, rows, histories)
+        result.files[f"{name} vs step"] = path
     return result
 
 
@@ -235,6 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--out", help="output folder")
     add("--jobs", type=int, help="runs in parallel processes")
+    add(
+        "--fit-against",
+        choices=list(FIT_AGAINST),
+        help="fit slopes against the swept width or 004 Def. 2.7's",
+    )
     add("--ci", choices=list(CI_METHODS), help="confidence interval of the slope")
     add("--confidence", type=float, help="level of the interval, e.g. 0.95")
     add("--no-progress", action="store_true", help="no progress bar")

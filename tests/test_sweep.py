@@ -57,6 +57,8 @@ def tiny(tmp_path, **overrides) -> SweepConfig:
         ({"lr_scale": -1.0}, "lr_scale must be a positive number"),
         ({"max_steps": 0}, "max_steps must be a positive integer"),
         ({"jobs": 0}, "jobs must be a positive integer"),
+        ({"curves": ["grad_cosine"]}, "cannot plot 'grad_cosine' against the step"),
+        ({"mode": "init", "metrics": ["lambda_min"], "curves": ["lambda_min"]}, "need mode 'train'"),
     ],
 )
 def test_bad_config_is_refused(tmp_path, overrides, match):
@@ -187,8 +189,7 @@ def test_sweep_writes_csv_report_and_plots_and_resumes(tmp_path, monkeypatch):
         return real(spec)
 
     monkeypatch.setattr(sweep_module, "execute_run", counting)
-    config = tiny(tmp_path)
-    result = run_sweep(config)
+    result = run_sweep(tiny(tmp_path, curves=["lambda_min_retained"]))
     assert len(calls) == 3 and result.executed == 3
     assert [row["width"] for row in result.rows] == [4, 8, 16]
     for row in result.rows:
@@ -197,11 +198,12 @@ def test_sweep_writes_csv_report_and_plots_and_resumes(tmp_path, monkeypatch):
         assert row["lr"] == pytest.approx(0.5 / row["lambda_max_0"])
     assert set(result.fits) == {"lambda_min:init", "kernel_change:max"}
     assert result.slope("kernel_change:max").num_runs == 3
-    for name in ("sweep.md", "sweep_kernel_change_max.png", "sweep_lambda_min_init.png", "runs.csv"):
+    for name in ("sweep.md", "sweep_kernel_change_max.png", "sweep_lambda_min_init.png", "runs.csv",
+                 "sweep_lambda_min_retained_vs_step.png"):  # fmt: skip
         assert (tmp_path / "out" / name).stat().st_size > 0
     assert "| `kernel_change:max` |" in (tmp_path / "out" / "sweep.md").read_text()
 
-    again = run_sweep(tiny(tmp_path, seeds=[0, 1]))  # the seed-0 runs are finished: only seed 1 runs
+    again = run_sweep(tiny(tmp_path, seeds=[0, 1], curves=["lambda_min_retained"]))  # only seed 1 runs
     assert len(calls) == 6 and again.executed == 3
     assert [row["width"] for row in again.rows] == [4, 4, 8, 8, 16, 16]
     assert again.rows[0] == result.rows[0]

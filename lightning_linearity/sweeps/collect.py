@@ -47,15 +47,16 @@ REDUCTIONS = ("init", "last", "max", "min")
 ALWAYS_MONITORED = "ntk"
 
 History = Sequence[Mapping[str, float]]
-Series = Callable[[History, str], list[float]]
+#: ``(history, layer) -> [(step, value), ...]`` in step order.
+Series = Callable[[History, str], list[tuple[int, float]]]
 
 
 def _key_series(key: str) -> Series:
-    """The values of one logged key (``key`` may hold ``{layer}``), in step order."""
+    """The values of one logged key (``key`` may hold ``{layer}``)."""
 
-    def series(history: History, layer: str) -> list[float]:
+    def series(history: History, layer: str) -> list[tuple[int, float]]:
         name = key.format(layer=layer)
-        return [row[name] for row in history if name in row]
+        return [(row["step"], row[name]) for row in history if name in row]
 
     return series
 
@@ -63,9 +64,9 @@ def _key_series(key: str) -> Series:
 def _ratio_series(numerator: str, denominator: str) -> Series:
     """numerator_t / denominator_t over the rounds that logged both."""
 
-    def series(history: History, layer: str) -> list[float]:
+    def series(history: History, layer: str) -> list[tuple[int, float]]:
         a, b = PREFIX + numerator, PREFIX + denominator
-        return [row[a] / row[b] for row in history if a in row and b in row]
+        return [(row["step"], row[a] / row[b]) for row in history if a in row and b in row]
 
     return series
 
@@ -74,9 +75,9 @@ def _retained_series(key: str) -> Series:
     """value_t / value_0 of one logged key."""
     values = _key_series(PREFIX + key)
 
-    def series(history: History, layer: str) -> list[float]:
-        v = values(history, layer)
-        return [x / v[0] for x in v] if v else []
+    def series(history: History, layer: str) -> list[tuple[int, float]]:
+        points = values(history, layer)
+        return [(step, value / points[0][1]) for step, value in points]
 
     return series
 
@@ -87,7 +88,7 @@ class Quantity:
 
     Attributes:
         monitor: the :class:`LinearityMonitor` metric that logs it (``None``: the sweep's own loss record).
-        series: ``(history, layer) -> values`` in step order.
+        series: ``(history, layer) -> [(step, value), ...]`` in step order.
         default: the default reduction.
         needs_training: it is identically 0 (or undefined) at initialisation.
         per_layer: one column per hidden layer (``name/layer_<l>``).
@@ -198,6 +199,19 @@ def check_metric_specs(metrics: Sequence[str], mode: str) -> list[MetricSpec]:
     return specs
 
 
+def curve_specs(curves: Sequence[str], mode: str) -> list[MetricSpec]:
+    """The quantities to plot against the step (``"last"`` marks a whole series); model-wide, train mode."""
+    specs = []
+    for name in curves:
+        if name not in QUANTITIES or QUANTITIES[name].per_layer:
+            valid = sorted(n for n, q in QUANTITIES.items() if not q.per_layer)
+            raise ValueError(f"cannot plot {name!r} against the step; curves can be {valid}")
+        if mode != "train":
+            raise ValueError("curves (quantities against the training step) need mode 'train'")
+        specs.append(MetricSpec(name, "last"))
+    return specs
+
+
 def monitor_metrics(
     specs: Sequence[MetricSpec], monitor_args: Mapping[str, Any], layer_names: Sequence[str]
 ) -> dict[str, dict[str, Any]]:
@@ -242,5 +256,6 @@ def collect(specs: Sequence[MetricSpec], history: History, layer_names: Sequence
     values = {}
     for spec in specs:
         for column, layer in spec.columns(layer_names):
-            values[column] = reduce_series(spec.quantity.series(history, layer or ""), spec.reduction)
+            series = spec.quantity.series(history, layer or "")
+            values[column] = reduce_series([value for _, value in series], spec.reduction)
     return values

@@ -22,11 +22,12 @@ from typing import Any
 
 import yaml
 
-from lightning_linearity.sweeps.collect import check_metric_specs
+from lightning_linearity.sweeps.collect import check_metric_specs, curve_specs
 
 MODELS = ("NTKFCN", "NTKDenseNet", "MaskedDAGNet")
 DATA = ("digits", "gaussian")
 MODES = ("train", "init")
+FIT_AGAINST = ("width", "min_in_degree")
 #: The placeholder in ``model_args.widths`` replaced by the swept width, e.g. ``[1000, m, 1000]``.
 WIDTH_PLACEHOLDER = "m"
 #: Model arguments the sweep sets itself (the training is always plain full-batch GD on the square loss).
@@ -98,9 +99,15 @@ class SweepConfig:
             e.g. ``{"hessian_norm": {"max_iter": 200}, "grad_cosines": {"num_neurons": 128}}``.
         out: output folder (CSV, markdown table, PNG plots, histories).
         jobs: runs in parallel processes.
+        fit_against: the width the slopes are fitted against: ``"width"``, the swept m, or
+            ``"min_in_degree"``, 004 Def. 2.7's width (the minimum in-degree over the neurons of layers
+            2..L+1, recorded per run), which Theorem 3.6 is stated in. They agree for an FCN; a DenseNet's
+            layers also read the input, so its in-degree is m + d (+ more for deeper layers).
         ci: slope interval, ``"t"`` (regression) or ``"bootstrap"``.
         confidence: level of the slope interval.
-        reference_slope: slope of the reference line drawn in the plots (1/sqrt(m): -0.5).
+        reference_slope: slope of the reference line drawn in the plots (1/sqrt(m): -0.5; ``None``: none).
+        curves: quantities (names of :mod:`~lightning_linearity.sweeps.collect`, not per layer) to plot
+            against the training step, one line per width (first seed), e.g. ``["lambda_min_retained"]``.
         name: the sweep's name, used in titles.
         progress: show a progress bar over the runs.
         claims: the papers' claims to check (see :mod:`lightning_linearity.sweeps.claims`).
@@ -121,15 +128,17 @@ class SweepConfig:
     monitor_args: Mapping[str, Any] = field(default_factory=dict)
     out: str = "sweep"
     jobs: int = 1
+    fit_against: str = "width"
     ci: str = "t"
     confidence: float = 0.95
-    reference_slope: float = -0.5
+    reference_slope: float | None = -0.5
     name: str = "sweep"
     progress: bool = True
     claims: tuple[Mapping[str, Any], ...] = ()
+    curves: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("widths", "metrics", "seeds", "claims"):
+        for name in ("widths", "metrics", "seeds", "claims", "curves"):
             value = getattr(self, name)
             if isinstance(value, str | bytes) or not isinstance(value, Sequence):
                 raise SweepError(f"{name} must be a list, got {value!r}")
@@ -191,6 +200,8 @@ class SweepConfig:
                 raise SweepError(f"{name} must be a positive number, got {value!r}")
         if not _is_int(self.jobs) or self.jobs < 1:
             raise SweepError(f"jobs must be a positive integer, got {self.jobs!r}")
+        if self.fit_against not in FIT_AGAINST:
+            raise SweepError(f"fit_against must be one of {list(FIT_AGAINST)}, got {self.fit_against!r}")
         if self.ci not in CI_METHODS:
             raise SweepError(f"ci must be one of {list(CI_METHODS)}, got {self.ci!r}")
         if not _positive(self.confidence) or self.confidence >= 1:
@@ -199,6 +210,7 @@ class SweepConfig:
             raise SweepError(f"the output folder {self.out!r} is a file; give a folder path")
         try:
             check_metric_specs(self.metrics, self.mode)
+            curve_specs(self.curves, self.mode)
         except ValueError as err:
             raise SweepError(str(err)) from None
 
@@ -252,6 +264,7 @@ class RunSpec:
                 "lr_scale": c.lr_scale,
                 "every_n_steps": c.every_n_steps if c.mode == "train" else None,
                 "metrics": sorted(c.metrics),
+                "curves": sorted(c.curves),
                 "monitor_args": c.monitor_args,
             }
         )

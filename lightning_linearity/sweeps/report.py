@@ -12,27 +12,33 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from lightning_linearity.sweeps.collect import QUANTITIES
 from lightning_linearity.sweeps.config import SweepConfig
 from lightning_linearity.sweeps.fit import MIN_WIDTHS, SlopeFit, fit_loglog, width_means
 
 #: A fitted column, or the reason it was not fitted.
 Fit = SlopeFit | str
+X_LABELS = {"width": "width m", "min_in_degree": "width m = min in-degree (004 Def. 2.7)"}
 
 
-def column_points(rows: Sequence[Mapping[str, Any]], column: str) -> tuple[np.ndarray, np.ndarray]:
-    """(widths, values) of the runs with a finite value in ``column``."""
-    pairs = [(row["width"], row.get(column, math.nan)) for row in rows]
+def column_points(
+    rows: Sequence[Mapping[str, Any]], column: str, x: str = "width"
+) -> tuple[np.ndarray, np.ndarray]:
+    """(widths, values) of the runs with a finite value in ``column``; the widths from column ``x``."""
+    pairs = [(row[x], row.get(column, math.nan)) for row in rows]
     pairs = [(m, v) for m, v in pairs if isinstance(v, int | float) and math.isfinite(v)]
     return np.array([m for m, _ in pairs], dtype=float), np.array([v for _, v in pairs], dtype=float)
 
 
 def fit_column(rows: Sequence[Mapping[str, Any]], column: str, config: SweepConfig) -> Fit:
-    """The log-log fit of ``column`` over the runs with finite values, or why there is none."""
-    widths, values = column_points(rows, column)
+    """The log-log fit of ``column`` against ``config.fit_against`` over the runs with finite values, or why
+    there is none."""
+    widths, values = column_points(rows, column, config.fit_against)
     dropped = len(rows) - len(values)
     note = f" ({dropped} run(s) without a finite value)" if dropped else ""
     if (values <= 0).any():
@@ -62,7 +68,7 @@ def write_plot(
     The reference line goes through the fitted line at the geometric mean of the widths, so the two
     slopes can be compared by eye.
     """
-    widths, values = column_points(rows, column)
+    widths, values = column_points(rows, column, config.fit_against)
     distinct, means, stds = width_means(widths, values)
     figure = Figure(figsize=(5.5, 4.0), dpi=100)
     FigureCanvasAgg(figure)
@@ -73,16 +79,46 @@ def write_plot(
     )
     grid = np.geomspace(distinct.min(), distinct.max(), 100)
     ax.plot(grid, fit.predict(grid), color="tab:red", label=f"fit: {describe_fit(fit)}")
-    center = float(np.exp(np.log(distinct).mean()))
-    reference = fit.predict(center) * (grid / center) ** config.reference_slope
-    ax.plot(grid, reference, "--", color="gray", label=f"reference m^{config.reference_slope:g}")
+    if config.reference_slope is not None:
+        center = float(np.exp(np.log(distinct).mean()))
+        reference = fit.predict(center) * (grid / center) ** config.reference_slope
+        ax.plot(grid, reference, "--", color="gray", label=f"reference m^{config.reference_slope:g}")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel("width m")
+    ax.set_xlabel(X_LABELS[config.fit_against])
     ax.set_ylabel(column)
     ax.set_title(f"{config.name}: {config.model}", fontsize=10)
     ax.legend(fontsize=7)
     ax.grid(True, which="both", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def write_curves(
+    path: Path,
+    config: SweepConfig,
+    name: str,
+    rows: Sequence[Mapping[str, Any]],
+    histories: Mapping[str, Sequence[Mapping[str, float]]],
+) -> None:
+    """One quantity against the training step, one line per width (its first seed's run)."""
+    figure = Figure(figsize=(5.5, 4.0), dpi=100)
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    colours = matplotlib.colormaps["viridis"]
+    widths = sorted(config.widths)
+    for index, width in enumerate(widths):
+        run = next((row for row in rows if row["width"] == width and row["run_id"] in histories), None)
+        if run is None:
+            continue
+        points = QUANTITIES[name].series(histories[run["run_id"]], "")
+        colour = colours(index / max(1, len(widths) - 1))
+        ax.plot([s for s, _ in points], [v for _, v in points], color=colour, label=f"m = {width}")
+    ax.set_xlabel("gradient-descent step t")
+    ax.set_ylabel(name)
+    ax.set_title(f"{config.name}: {config.model}, seed {config.seeds[0]}", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(True, alpha=0.3)
     figure.tight_layout()
     figure.savefig(path)
 
@@ -117,7 +153,7 @@ def markdown_report(
         f"## Sweep `{config.name}`: {config.model} {dict(config.model_args)}",
         "",
         f"Data {dict(config.data)}; {training}; widths {sorted(config.widths)}, seeds {list(config.seeds)} "
-        f"({len(rows)} runs).",
+        f"({len(rows)} runs). Slopes fitted against {X_LABELS[config.fit_against]}.",
         "",
         f"| metric | fitted exponent | {config.confidence:.0%} CI ({config.ci}) | R² | runs | reference |",
         "|---|---|---|---|---|---|",
@@ -133,9 +169,9 @@ def markdown_report(
             )
     if claim_lines:
         lines += ["", *[f"- {line}" for line in claim_lines]]
-    diagnostics = ["lr", "eta_lambda_max", "max_loss_ratio", "steps", "final_loss"]
+    diagnostics = ["min_in_degree", "lr", "eta_lambda_max", "max_loss_ratio", "steps", "final_loss"]
     if config.mode == "init":
-        diagnostics = ["lr"]
+        diagnostics = ["min_in_degree"]
     columns = [*fits, *diagnostics]
     lines += [
         "",

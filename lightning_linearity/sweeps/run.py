@@ -46,6 +46,7 @@ from lightning_linearity.sweeps.collect import (
     PREFIX,
     check_metric_specs,
     collect,
+    curve_specs,
     monitor_metrics,
 )
 from lightning_linearity.sweeps.config import RunSpec, SweepConfig
@@ -162,7 +163,9 @@ def execute_run(spec: RunSpec) -> tuple[dict[str, Any], list[dict[str, float]]]:
         layer_names = model.layered_net.hidden_layer_names
         training = config.mode == "train"
         monitor = LinearityMonitor(
-            metrics=monitor_metrics(specs, config.monitor_args, layer_names),
+            metrics=monitor_metrics(
+                [*specs, *curve_specs(config.curves, config.mode)], config.monitor_args, layer_names
+            ),
             every_n_steps=config.every_n_steps if training else None,
             probe_data=(x, y),
             seed=spec.seed,

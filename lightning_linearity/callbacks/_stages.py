@@ -165,7 +165,7 @@ class HessianOptions:
         num_neurons: neurons sampled per layer in ``layers`` (``None``: all).
     """
 
-    num_points: int | None = 4
+    num_points: int | None = 2
     tol: float = 1e-3
     max_iter: int = 50
     chunk_size: int | None = 1
@@ -194,7 +194,7 @@ class CosineOptions:
     """
 
     layers: tuple[Layer, ...] | None = None
-    num_neurons: int | None = 256
+    num_neurons: int | None = 64
     method: Literal["auto", "structured", "generic"] = "auto"
 
     def __post_init__(self) -> None:
@@ -309,10 +309,10 @@ class Stage(ABC):
 class Kernel(Stage):
     """The empirical NTK K (MATH.md 2.1), its spectrum (2.2) and its change from K_0 (2.3).
 
-    K is computed once per round and shared by ``ntk`` and ``kernel_change``. Rank r computes the row block
-    K[x_r, x] (a cross kernel); the gathered blocks form K, which is symmetrised, (K + K^T) / 2, to remove
-    rounding differences between blocks. K_0 = K(w_0) is taken in the initial round and kept (also in the
-    checkpoint).
+    K is computed once per round and shared by ``ntk`` and ``kernel_change``. Under DDP rank r computes the
+    row block K[x_r, X] (a cross kernel; a single process computes K[X, X] directly); the gathered blocks
+    form K, which is symmetrised, (K + K^T) / 2, to remove rounding differences between blocks. K_0 = K(w_0)
+    is taken in the round at the start of training and kept (also in the checkpoint).
     """
 
     ntk: NTKOptions | None
@@ -333,8 +333,9 @@ class Kernel(Stage):
         x, opts = ctx.probe.x, self._kernel_options
 
         def block(x_rows: Tensor) -> Tensor:
-            kernel = empirical_ntk(ctx.model, x_rows, x, method=opts.method, chunk_size=opts.chunk_size)
-            return kernel.reshape(x_rows.shape[0], -1)  # row (i, a) of K -> one row per probe point i
+            x2 = None if x_rows.shape[0] == x.shape[0] else x  # the whole kernel: let it use the symmetry
+            kernel = empirical_ntk(ctx.model, x_rows, x2, method=opts.method, chunk_size=opts.chunk_size)
+            return kernel.reshape(x_rows.shape[0], -1)  # rows (i, a) of K -> one row per probe point i
 
         return {"kernel": evaluate_share(block, x, share)}
 

@@ -325,13 +325,13 @@ def test_resume_measures_against_the_original_initialisation(tmp_path):
 
 def test_resume_without_monitor_state_warns(tmp_path):
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2)
-    trainer(tmp_path, [checkpoints], max_steps=2, enable_checkpointing=True, logger=False).fit(
-        fcn(), loader()
-    )
+    full_batch = loader(batch_size=N)  # one step per epoch: checkpoints at epoch ends
+    plain = trainer(tmp_path, [checkpoints], max_steps=2, enable_checkpointing=True, logger=False)
+    plain.fit(fcn(), full_batch)
     (checkpoint,) = (tmp_path / "ckpt").glob("*.ckpt")
     monitor = LinearityMonitor(["kernel_change"], every_n_steps=2, probe_size=8)
     with pytest.warns(UserWarning, match=r"resumes at step 2 without the references .*\['kernel_change'\]"):
-        trainer(tmp_path, [monitor], max_steps=4, logger=False).fit(fcn(), loader(), ckpt_path=checkpoint)
+        trainer(tmp_path, [monitor], max_steps=4, logger=False).fit(fcn(), full_batch, ckpt_path=checkpoint)
     assert [h["step"] for h in monitor.history] == [2, 4]
 
 

@@ -184,9 +184,8 @@ def lanczos(
             break
         if done.any():
             keep = (~done).to(device)
-            active, basis, w, beta, q_previous = (
-                active[~done], basis[keep], w[keep], beta[keep], q_previous[keep]
-            )
+            active = active[~done]
+            basis, w, beta, q_previous = basis[keep], w[keep], beta[keep], q_previous[keep]
         q = w / beta[:, None]
     return EigenResult(
         eigenvalue.to(device=device, dtype=dtype),

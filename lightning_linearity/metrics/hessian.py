@@ -83,9 +83,10 @@ def hessian_spectral_norm(
     ``layer`` the same norm is computed for the hidden pre-activations z_l[r](w; x_i) of that layer
     (004 Theorem 3.8) on ``num_neurons`` neurons r sampled without replacement (all if ``None``).
 
-    Each norm is the largest-magnitude Ritz value of Lanczos on Hessian-vector products, stopped when its
-    residual is at most ``tol`` times the value, so the true norm lies within ``tol`` (relative) of it.
-    A value that has not converged after ``max_iter`` steps is a lower bound; it is flagged in
+    Each norm is |theta| for the largest-magnitude Ritz value theta of Lanczos on Hessian-vector products,
+    stopped when its residual is at most ``tol * |theta|``: an eigenvalue of the Hessian then lies within
+    ``tol * |theta|`` of theta (from a random start, the extreme one). Ritz values never exceed the spectrum,
+    so a value that has not converged after ``max_iter`` steps is a lower bound; it is flagged in
     ``info.converged`` and announced with a :class:`~lightning_linearity.metrics._linalg.ConvergenceWarning`.
 
     The model's parameters, their ``.grad``, its train/eval mode and torch's global random state are left
@@ -118,7 +119,8 @@ def hessian_spectral_norm(
     n, q = evaluate(model, x).shape
     slices = chunk_slices(n, chunk_size)
     check_differentiable(model, x)
-    dtype, device = next(iter(params.values())).dtype, next(iter(params.values())).device
+    first = next(iter(params.values()))
+    dtype, device = first.dtype, first.device
     if generator is None:
         generator = torch.Generator().manual_seed(0)
 

@@ -84,6 +84,12 @@ class ForeignMLP(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.02, momentum=0.9)
 
 
+def make_monitor(*args, **kwargs) -> LinearityMonitor:
+    """A monitor without the report figures at the end of training (tested once, below): they cost time."""
+    kwargs.setdefault("plots", False)
+    return LinearityMonitor(*args, **kwargs)
+
+
 def fcn(**kwargs):
     return NTKFCN(IN, OUT, width=16, depth=2, seed=0, lr=0.05, **kwargs)
 
@@ -118,7 +124,7 @@ def finite(rounds):
 @pytest.mark.parametrize("family", [NTKFCN, NTKDenseNet, MaskedDAGNet])
 def test_every_module_logs_every_key_at_the_scheduled_steps(family, tmp_path):
     model = family(IN, OUT, width=16, depth=2, seed=0, lr=0.05)
-    monitor = LinearityMonitor(ALL_METRICS, every_n_steps=2, probe_size=8)
+    monitor = make_monitor(ALL_METRICS, every_n_steps=2, probe_size=8)
     t = trainer(tmp_path, [monitor], max_steps=5, num_sanity_val_steps=1, limit_val_batches=1)
     t.fit(model, loader(), loader())  # with a sanity check, which must not trigger a round
     rounds = read_rounds(tmp_path / "metrics.csv")
@@ -134,7 +140,7 @@ def test_every_module_logs_every_key_at_the_scheduled_steps(family, tmp_path):
 
 
 def test_rounds_count_optimiser_steps_under_gradient_accumulation(tmp_path):
-    monitor = LinearityMonitor(["ntk"], every_n_steps=2, probe_size=8)
+    monitor = make_monitor(["ntk"], every_n_steps=2, probe_size=8)
     t = trainer(tmp_path, [monitor], max_steps=5, accumulate_grad_batches=2)
     t.fit(fcn(), loader(batch_size=4))  # 8 batches per epoch, 4 optimiser steps
     assert sorted(read_rounds(tmp_path / "metrics.csv")) == [0, 2, 4, 5]
@@ -146,7 +152,7 @@ def test_foreign_module_gets_every_metric_through_the_generic_path(tmp_path):
     model = ForeignMLP()
     at_init = copy.deepcopy(model)
     hessian = {**FOREIGN_METRICS["hessian_norm"], "num_points": 2, "max_iter": 100}  # converged to tol
-    monitor = LinearityMonitor({**FOREIGN_METRICS, "hessian_norm": hessian}, every_n_steps=2, probe_size=8)
+    monitor = make_monitor({**FOREIGN_METRICS, "hessian_norm": hessian}, every_n_steps=2, probe_size=8)
     trainer(tmp_path, [monitor], max_steps=2).fit(model, loader())
     rounds = read_rounds(tmp_path / "metrics.csv")
     expected = keys(
@@ -173,16 +179,16 @@ def test_tensorboard_receives_the_metrics_at_the_global_step(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logger = TensorBoardLogger(tmp_path, name="tb")
-    trainer(
-        tmp_path, [LinearityMonitor(["ntk"], every_n_steps=2, probe_size=8)], max_steps=4, logger=logger
-    ).fit(fcn(), loader())
+    trainer(tmp_path, [make_monitor(["ntk"], every_n_steps=2, probe_size=8)], max_steps=4, logger=logger).fit(
+        fcn(), loader()
+    )
     events = EventAccumulator(logger.log_dir)
     events.Reload()
     assert [event.step for event in events.Scalars("linearity/lambda_min")] == [0, 2, 4]
 
 
 def test_every_n_epochs_and_the_progress_bar_summary(tmp_path):
-    monitor = LinearityMonitor(
+    monitor = make_monitor(
         ["ntk", "kernel_change"], every_n_steps=None, every_n_epochs=1, probe_size=8, progress_bar=True
     )
     t = trainer(tmp_path, [monitor], max_epochs=2)
@@ -196,7 +202,7 @@ def test_every_n_epochs_and_the_progress_bar_summary(tmp_path):
 
 
 def test_fast_dev_run_runs_no_round(tmp_path):
-    monitor = LinearityMonitor(["ntk"], every_n_steps=1, probe_size=8)
+    monitor = make_monitor(["ntk"], every_n_steps=1, probe_size=8)
     trainer(tmp_path, [monitor], fast_dev_run=2, logger=False).fit(fcn(), loader())
     assert monitor.history == []
 
@@ -210,12 +216,10 @@ def test_probe_set_first_random_or_given(tmp_path):
         "random": x[torch.randperm(N, generator=torch.Generator().manual_seed(7))[:5].sort().values],
     }
     for selection, probe in expected.items():
-        monitor = LinearityMonitor(
-            ["ntk"], every_n_steps=None, probe_size=5, probe_selection=selection, seed=7
-        )
+        monitor = make_monitor(["ntk"], every_n_steps=None, probe_size=5, probe_selection=selection, seed=7)
         trainer(tmp_path, [monitor], max_steps=1, logger=False).fit(fcn(), loader(shuffle=True))
         assert torch.equal(monitor.probe.x, probe)
-    monitor = LinearityMonitor(["ntk"], every_n_steps=None, probe_data=given)
+    monitor = make_monitor(["ntk"], every_n_steps=None, probe_data=given)
     trainer(tmp_path, [monitor], max_steps=1, logger=False).fit(fcn(), loader())
     assert monitor.probe.x.dtype == torch.float32 and torch.equal(monitor.probe.x, given.float())
     assert monitor.probe.y is None and "linearity/pl_ratio" not in monitor.history[0]
@@ -232,7 +236,7 @@ def test_training_with_the_monitor_gives_bit_identical_weights(make_model, tmp_p
 
     metrics = FOREIGN_METRICS if isinstance(make_model(), ForeignMLP) else ALL_METRICS
     plain = train([])
-    monitored = train([LinearityMonitor(metrics, every_n_steps=2, probe_size=8, probe_selection="random")])
+    monitored = train([make_monitor(metrics, every_n_steps=2, probe_size=8, probe_selection="random")])
     assert plain.keys() == monitored.keys()
     assert all(torch.equal(plain[key], monitored[key]) for key in plain)
 
@@ -261,7 +265,7 @@ def test_a_round_leaves_params_grads_optimizer_modes_and_rng_untouched(tmp_path)
     model = ForeignMLP(dropout=0.5)
     model.net[2].eval()  # a submodule in eval mode must stay so, the others in train mode
     before, after = Snapshots(), Snapshots()
-    monitor = LinearityMonitor(FOREIGN_METRICS, every_n_steps=1, probe_size=8)
+    monitor = make_monitor(FOREIGN_METRICS, every_n_steps=1, probe_size=8)
     # accumulation: the round after each optimiser step sees non-zero gradients
     trainer(tmp_path, [before, monitor, after], max_steps=3, accumulate_grad_batches=2, logger=False).fit(
         model, loader(batch_size=4, shuffle=True)
@@ -284,7 +288,7 @@ def test_a_round_leaves_params_grads_optimizer_modes_and_rng_untouched(tmp_path)
 def test_mixed_and_low_precision_measure_in_float32_without_autocast(tmp_path):
     def first_round(precision, **kwargs):
         metrics = ["ntk", "grad_cosines", "linearization"]
-        monitor = LinearityMonitor(metrics, every_n_steps=None, probe_size=8, **kwargs)
+        monitor = make_monitor(metrics, every_n_steps=None, probe_size=8, **kwargs)
         trainer(tmp_path, [monitor], max_steps=1, precision=precision, logger=False).fit(fcn(), loader())
         return monitor.history[0]
 
@@ -300,7 +304,7 @@ def test_mixed_and_low_precision_measure_in_float32_without_autocast(tmp_path):
 # ------------------------------------------------------------------------------------------ resume
 def test_resume_measures_against_the_original_initialisation(tmp_path):
     def fit(root, seed, ckpt_path=None):
-        monitor = LinearityMonitor(
+        monitor = make_monitor(
             ["ntk", "kernel_change", "linearization"],
             every_n_steps=2,
             probe_size=6,
@@ -329,10 +333,37 @@ def test_resume_without_monitor_state_warns(tmp_path):
     plain = trainer(tmp_path, [checkpoints], max_steps=2, enable_checkpointing=True, logger=False)
     plain.fit(fcn(), full_batch)
     (checkpoint,) = (tmp_path / "ckpt").glob("*.ckpt")
-    monitor = LinearityMonitor(["kernel_change"], every_n_steps=2, probe_size=8)
+    monitor = make_monitor(["kernel_change"], every_n_steps=2, probe_size=8)
     with pytest.warns(UserWarning, match=r"resumes at step 2 without the references .*\['kernel_change'\]"):
         trainer(tmp_path, [monitor], max_steps=4, logger=False).fit(fcn(), full_batch, ckpt_path=checkpoint)
     assert [h["step"] for h in monitor.history] == [2, 4]
+
+
+# ------------------------------------------------------------------------------------------ report
+def test_report_figures_and_settings_reach_the_log_directory(tmp_path):
+    monitor = LinearityMonitor(["ntk", "kernel_change", "grad_cosines"], every_n_steps=2, probe_size=8)
+    trainer(tmp_path, [monitor], max_steps=2).fit(fcn(), loader())
+    assert {"ntk_spectrum.png", "linearity_curves.png", "grad_cosines.png"} <= {
+        p.name for p in tmp_path.glob("*.png")
+    }
+    assert "linearity_monitor" in (tmp_path / "hparams.yaml").read_text()
+    assert sorted(monitor.spectra) == ["final", "init"] and monitor.spectra["init"].shape == (8 * OUT,)
+
+
+def test_failing_report_hooks_only_warn(tmp_path, monkeypatch):
+    import lightning_linearity.loggers
+    import lightning_linearity.plots
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(lightning_linearity.loggers, "prepare_loggers", broken)
+    monkeypatch.setattr(lightning_linearity.plots, "write_report", broken)
+    monitor = LinearityMonitor(["ntk"], every_n_steps=2, probe_size=8)
+    with pytest.warns(UserWarning, match="writing the report figures failed") as record:
+        trainer(tmp_path, [monitor], max_steps=2).fit(fcn(), loader())
+    assert any("preparing the loggers failed (OSError: disk full)" in str(w.message) for w in record)
+    assert [h["step"] for h in monitor.history] == [0, 2]
 
 
 # ------------------------------------------------------------------------------------------ failures
@@ -342,7 +373,7 @@ def broken_hessian(*args, **kwargs):
 
 def test_a_failing_metric_warns_once_and_training_continues(tmp_path, monkeypatch):
     monkeypatch.setattr(_stages, "hessian_spectral_norm", broken_hessian)
-    monitor = LinearityMonitor(["ntk", "hessian_norm"], every_n_steps=1, probe_size=8)
+    monitor = make_monitor(["ntk", "hessian_norm"], every_n_steps=1, probe_size=8)
     with pytest.warns(UserWarning, match="hessian_norm failed at step 0 on rank 0") as record:
         trainer(tmp_path, [monitor], max_steps=3).fit(fcn(), loader())
     assert sum("broken Lanczos" in str(w.message) for w in record) == 1
@@ -353,7 +384,7 @@ def test_a_failing_metric_warns_once_and_training_continues(tmp_path, monkeypatc
 
 def test_on_error_raise_stops_training(tmp_path, monkeypatch):
     monkeypatch.setattr(_stages, "hessian_spectral_norm", broken_hessian)
-    monitor = LinearityMonitor(["hessian_norm"], every_n_steps=1, probe_size=8, on_error="raise")
+    monitor = make_monitor(["hessian_norm"], every_n_steps=1, probe_size=8, on_error="raise")
     with pytest.raises(RuntimeError, match="hessian_norm failed at step 0 on rank 0"):
         trainer(tmp_path, [monitor], max_steps=3, logger=False).fit(fcn(), loader())
 
@@ -368,7 +399,7 @@ class Poison(Callback):
 
 
 def test_nan_in_the_model_is_reported_once_and_never_raised(tmp_path):
-    monitor = LinearityMonitor(["ntk", "kernel_change"], every_n_steps=1, probe_size=8, on_error="raise")
+    monitor = make_monitor(["ntk", "kernel_change"], every_n_steps=1, probe_size=8, on_error="raise")
     with pytest.warns(UserWarning, match="NaN or inf") as record:
         trainer(tmp_path, [Poison(), monitor], max_steps=5, logger=False).fit(fcn(), loader())
     assert sum("NaN or inf" in str(w.message) for w in record) == 1

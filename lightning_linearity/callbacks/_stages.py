@@ -191,14 +191,17 @@ class CosineOptions:
             other models: names of submodules whose outputs are pre-activations).
         num_neurons: neurons sampled per layer, the same subset in every round (``None``: all).
         method: ``"auto"``, ``"structured"`` or ``"generic"``.
+        chunk_size: probe points processed at once (``None``: sized automatically).
     """
 
     layers: tuple[Layer, ...] | None = None
     num_neurons: int | None = 64
     method: Literal["auto", "structured", "generic"] = "auto"
+    chunk_size: int | None = None
 
     def __post_init__(self) -> None:
         _check_positive_int("num_neurons", self.num_neurons)
+        _check_positive_int("chunk_size", self.chunk_size)
         if self.method not in ("auto", "structured", "generic"):
             raise ValueError(f"method must be 'auto', 'structured' or 'generic', got {self.method!r}")
         if self.layers is not None:
@@ -323,7 +326,8 @@ class Kernel(Stage):
     change_max: float = field(default=0.0, init=False)
 
     def __post_init__(self) -> None:
-        self.metrics = tuple(name for name, opt in (("ntk", self.ntk), ("kernel_change", self.change)) if opt)
+        served = (("ntk", self.ntk), ("kernel_change", self.change))
+        self.metrics = tuple(name for name, options in served if options is not None)
 
     @property
     def _kernel_options(self) -> NTKOptions:
@@ -451,6 +455,7 @@ class Cosines(Stage):
                 generator=ctx.generator(),
                 method=self.options.method,
                 reduction="none",
+                chunk_size=self.options.chunk_size,
             )
 
         return {

@@ -106,7 +106,7 @@ class LinearityMonitor(Callback):
             ``ntk``: ``method``, ``chunk_size``, ``pl_ratio``; ``kernel_change``: ``ord``
             (``"spectral"``/``"fro"``); ``hessian_norm``: ``num_points``, ``tol``, ``max_iter``,
             ``chunk_size``, ``layers``, ``num_neurons``; ``grad_cosines``: ``layers``, ``num_neurons``,
-            ``method``; ``linearization``: ``memory_budget_mb`` (see the option classes in
+            ``method``, ``chunk_size``; ``linearization``: ``memory_budget_mb`` (see the option classes in
             :mod:`lightning_linearity.callbacks._stages`).
         every_n_steps: a round every this many optimiser steps; ``None`` for none.
         every_n_epochs: a round at the end of every this many training epochs; ``None`` (default) for none.

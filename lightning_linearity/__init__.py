@@ -6,8 +6,8 @@ Public API: the NTK-parameterised LightningModules :class:`NTKFCN`, :class:`NTKD
 """
 
 from lightning_linearity.callbacks import LinearityMonitor
-from lightning_linearity.models import LinearityModule, MaskedDAGNet, NTKDenseNet, NTKFCN
+from lightning_linearity.models import NTKFCN, LinearityModule, MaskedDAGNet, NTKDenseNet
 
 __version__ = "0.1.0"
 
-__all__ = ["LinearityModule", "LinearityMonitor", "MaskedDAGNet", "NTKDenseNet", "NTKFCN", "__version__"]
+__all__ = ["NTKFCN", "LinearityModule", "LinearityMonitor", "MaskedDAGNet", "NTKDenseNet", "__version__"]

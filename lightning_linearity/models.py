@@ -5,7 +5,7 @@ so they work as ``class_path`` targets in LightningCLI configs, and ``save_hyper
 checkpoints reload with ``Module.load_from_checkpoint(path)``.
 
 Losses (MATH.md 2.2):
-    ``mse``            L = 1/2 * sum_i ||f(w; x_i) - y_i||^2   (the theory's square loss, summed over the batch)
+    ``mse``            L = 1/2 * sum_i ||f(w; x_i) - y_i||^2   (the theory's square loss, summed)
     ``cross_entropy``  mean softmax cross-entropy (binary cross-entropy with logits when out_features = 1)
 Integer class targets are encoded for ``mse``: one-hot when out_features > 1, and +/-1 when
 out_features = 1 (two classes, labels 0 and 1).
@@ -106,7 +106,9 @@ class LinearityModule(pl.LightningModule):
                 raise ValueError(f"label {int(y.max())} does not fit a network with {out.shape[1]} outputs")
             target = F.one_hot(y.long(), out.shape[1]).to(out.dtype)
         if target.shape != out.shape:
-            raise ValueError(f"targets of shape {tuple(y.shape)} do not match outputs of shape {tuple(out.shape)}")
+            raise ValueError(
+                f"targets of shape {tuple(y.shape)} do not match outputs of shape {tuple(out.shape)}"
+            )
         return target
 
     def compute_loss(self, out: Tensor, y: Tensor) -> Tensor:
@@ -131,7 +133,14 @@ class LinearityModule(pl.LightningModule):
             acc = getattr(self, f"{stage}_acc")
             pred = (out.squeeze(1) > 0).long() if out.shape[1] == 1 else out.argmax(dim=1)
             acc(pred, y.long())
-            self.log(f"{stage}/acc", acc, prog_bar=stage != "train", on_step=False, on_epoch=True, batch_size=len(x))
+            self.log(
+                f"{stage}/acc",
+                acc,
+                prog_bar=stage != "train",
+                on_step=False,
+                on_epoch=True,
+                batch_size=len(x),
+            )
         return loss
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
@@ -150,7 +159,9 @@ class LinearityModule(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.optimizer_name == "adam":
             return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        return torch.optim.SGD(
+            self.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+        )
 
 
 class NTKFCN(LinearityModule):
@@ -187,7 +198,12 @@ class NTKFCN(LinearityModule):
         super().__init__(loss, optimizer, lr, momentum, weight_decay)
         self.save_hyperparameters()
         self.net = LayeredNTKNet.fcn(
-            in_features, hidden_widths(width, depth, widths), out_features, activation=activation, bias=bias, seed=seed
+            in_features,
+            hidden_widths(width, depth, widths),
+            out_features,
+            activation=activation,
+            bias=bias,
+            seed=seed,
         )
         self._init_metrics()
 
@@ -217,7 +233,12 @@ class NTKDenseNet(LinearityModule):
         super().__init__(loss, optimizer, lr, momentum, weight_decay)
         self.save_hyperparameters()
         self.net = LayeredNTKNet.densenet(
-            in_features, hidden_widths(width, depth, widths), out_features, activation=activation, bias=bias, seed=seed
+            in_features,
+            hidden_widths(width, depth, widths),
+            out_features,
+            activation=activation,
+            bias=bias,
+            seed=seed,
         )
         self._init_metrics()
 
@@ -284,7 +305,9 @@ class MaskedDAGNet(LinearityModule):
                 ("out_features", out_features, self.net.out_features),
             ):
                 if given != actual:
-                    raise ValueError(f"{name}={given} but the edge list has {actual}; use MaskedDAGNet.from_edges")
+                    raise ValueError(
+                        f"{name}={given} but the edge list has {actual}; use MaskedDAGNet.from_edges"
+                    )
         self._init_metrics()
 
     @classmethod

@@ -4,7 +4,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from lightning_linearity import MaskedDAGNet, NTKDenseNet, NTKFCN
+from lightning_linearity import NTKFCN, MaskedDAGNet, NTKDenseNet
 from lightning_linearity.data import DigitsDataModule
 
 FAMILIES = [NTKFCN, NTKDenseNet, MaskedDAGNet]

@@ -140,8 +140,17 @@ def test_seeded_weights_are_reproducible_and_leave_global_rng_alone():
 # --- DAGs from edge lists (004 Def. 2.1, 2.5, 2.7) -------------------------------------------------
 
 # Like 004 Figure 1(b): inputs x1, x2; the output's longest path has length 4.
-FIG1_EDGES = [("x1", "a"), ("x2", "a"), ("x2", "b"), ("a", "c"), ("b", "c"), ("c", "d"), ("x1", "d"),
-              ("d", "o"), ("a", "o")]
+FIG1_EDGES = [
+    ("x1", "a"),
+    ("x2", "a"),
+    ("x2", "b"),
+    ("a", "c"),
+    ("b", "c"),
+    ("c", "d"),
+    ("x1", "d"),
+    ("d", "o"),
+    ("a", "o"),
+]
 
 
 def test_from_edges_layers_by_longest_path():
@@ -168,10 +177,15 @@ def test_from_edges_output_value_by_hand():
         weight[(u, v)] = float(rng.normal())
     # place each edge weight where the hand-written masks above say it lives
     positions = {
-        ("x1", "a"): (0, 0, 0), ("x2", "a"): (0, 0, 1), ("x2", "b"): (0, 1, 1),
-        ("a", "c"): (1, 0, 0), ("b", "c"): (1, 0, 1),
-        ("c", "d"): (2, 0, 0), ("x1", "d"): (2, 0, 3),
-        ("d", "o"): (3, 0, 0), ("a", "o"): (3, 0, 2),
+        ("x1", "a"): (0, 0, 0),
+        ("x2", "a"): (0, 0, 1),
+        ("x2", "b"): (0, 1, 1),
+        ("a", "c"): (1, 0, 0),
+        ("b", "c"): (1, 0, 1),
+        ("c", "d"): (2, 0, 0),
+        ("x1", "d"): (2, 0, 3),
+        ("d", "o"): (3, 0, 0),
+        ("a", "o"): (3, 0, 2),
     }
     with torch.no_grad():
         for layer in net.layers:
@@ -214,6 +228,7 @@ def test_early_outputs_go_to_the_output_layer_but_keep_their_distance():
 
 
 # --- bad input ------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),

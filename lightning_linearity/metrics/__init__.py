@@ -16,14 +16,20 @@ train/eval mode or torch's global random state.
 =============================  ==================================================================
 """
 
+from lightning_linearity.metrics._linalg import ConvergenceWarning
 from lightning_linearity.metrics.cosines import neuron_gradient_cosines
 from lightning_linearity.metrics.hessian import HessianInfo, hessian_spectral_norm
 from lightning_linearity.metrics.kernel_change import relative_kernel_change
-from lightning_linearity.metrics.linearization import LinearizationError, distance_from_init, linearization_error
+from lightning_linearity.metrics.linearization import (
+    LinearizationError,
+    distance_from_init,
+    linearization_error,
+)
 from lightning_linearity.metrics.ntk import empirical_ntk
 from lightning_linearity.metrics.pl import KernelSpectrum, kernel_spectrum, pl_ratio
 
 __all__ = [
+    "ConvergenceWarning",
     "HessianInfo",
     "KernelSpectrum",
     "LinearizationError",

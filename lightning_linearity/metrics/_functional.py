@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.modules.batchnorm import _NormBase
 
 from lightning_linearity.nets.network import LayeredNTKNet
 
@@ -44,9 +45,23 @@ def as_2d_output(out: Tensor, n: int) -> Tensor:
     return out.reshape(n, -1)
 
 
-def functional_model(model: nn.Module) -> Callable[[Params, Tensor], Tensor]:
-    """``f(params, x) -> (n, k)``: the model evaluated at ``params`` (its buffers as they are)."""
+def model_buffers(model: nn.Module) -> Params:
+    """The buffers a functional forward pass reads.
+
+    Normalisation layers in training mode update their running statistics in place during a forward
+    pass; they get private copies, so no metric changes the model's state.
+    """
     buffers = dict(model.named_buffers())
+    for prefix, module in model.named_modules():
+        if isinstance(module, _NormBase) and module.training:
+            for name, buffer in module.named_buffers(prefix=prefix):
+                buffers[name] = buffer.clone()
+    return buffers
+
+
+def functional_model(model: nn.Module) -> Callable[[Params, Tensor], Tensor]:
+    """``f(params, x) -> (n, k)``: the model evaluated at ``params`` (see :func:`model_buffers`)."""
+    buffers = model_buffers(model)
 
     def f(params: Params, x: Tensor) -> Tensor:
         return as_2d_output(functional_call(model, (params, buffers), (x,)), x.shape[0])
@@ -83,7 +98,10 @@ def check_finite(value: Tensor, what: str) -> Tensor:
 
 
 def evaluate(model: nn.Module, x: Tensor) -> Tensor:
-    """``f(w; x)`` as (n, k), without autograd, with clear errors for a wrong input shape or non-finite output."""
+    """``f(w; x)`` as (n, k), without autograd.
+
+    Raises clear errors for a wrong input shape or a non-finite output.
+    """
     params = trainable_parameters(model)
     try:
         with torch.no_grad():
@@ -134,7 +152,7 @@ def layer_output_model(model: nn.Module, layer: int | str) -> Callable[[Params, 
     """
     qualified, _ = resolve_layer(model, layer)
     module = model.get_submodule(qualified)
-    buffers = dict(model.named_buffers())
+    buffers = model_buffers(model)
 
     def g(params: Params, x: Tensor) -> Tensor:
         captured: list[Tensor] = []
@@ -144,7 +162,9 @@ def layer_output_model(model: nn.Module, layer: int | str) -> Callable[[Params, 
         finally:
             handle.remove()
         if len(captured) != 1:
-            raise ValueError(f"layer {qualified!r} ran {len(captured)} times in one forward pass; expected once")
+            raise ValueError(
+                f"layer {qualified!r} ran {len(captured)} times in one forward pass; expected once"
+            )
         return as_2d_output(captured[0], x.shape[0])
 
     return g

@@ -44,7 +44,9 @@ class NTKLinear(nn.Module):
             degree = degree + 1.0
         if torch.any(degree < 1):
             empty = torch.nonzero(degree < 1).flatten().tolist()
-            raise ValueError(f"neurons {empty} have in-degree 0; every neuron needs at least one incoming edge")
+            raise ValueError(
+                f"neurons {empty} have in-degree 0; every neuron needs at least one incoming edge"
+            )
         self.register_buffer("in_degree", degree)
         self.reset_parameters()
 
@@ -75,4 +77,3 @@ class NTKLinear(nn.Module):
             f"bias={self.bias is not None}, masked={self.is_masked}, "
             f"min_in_degree={int(self.in_degree.min().item()) if self.out_features else 0}"
         )
-

@@ -86,7 +86,9 @@ class LayeredNTKNet(nn.Module):
         self.in_features = _check_positive_int("in_features", in_features)
         self.out_features = _check_positive_int("out_features", out_features)
         if isinstance(hidden_widths, int) or len(hidden_widths) == 0:
-            raise ValueError(f"hidden_widths must be a non-empty list of positive integers, got {hidden_widths!r}")
+            raise ValueError(
+                f"hidden_widths must be a non-empty list of positive integers, got {hidden_widths!r}"
+            )
         self.hidden_widths = [_check_positive_int("every hidden width", w) for w in hidden_widths]
         if connectivity not in ("chain", "dense"):
             raise ValueError(f"connectivity must be 'chain' or 'dense', got {connectivity!r}")
@@ -144,7 +146,7 @@ class LayeredNTKNet(nn.Module):
         return [f"layer_{l}" for l in range(1, self.depth + 1)]
 
     def resolve_hidden_layer(self, layer: int | str) -> int:
-        """The 1-based index of a hidden layer given as ``2``, ``"layer_2"`` or its module name ``"layers.1"``."""
+        """The 1-based index of a hidden layer given as ``2``, ``"layer_2"`` or as module ``"layers.1"``."""
         names = self.hidden_layer_names
         if isinstance(layer, int) and not isinstance(layer, bool) and 1 <= layer <= self.depth:
             return layer
@@ -167,7 +169,8 @@ class LayeredNTKNet(nn.Module):
     def _check_input(self, x: Tensor) -> None:
         if x.dim() != 2 or x.shape[-1] != self.in_features:
             raise ValueError(
-                f"input has shape {tuple(x.shape)}, but the network expects (n, in_features={self.in_features}); "
+                f"input has shape {tuple(x.shape)}, but the network expects "
+                f"(n, in_features={self.in_features}); "
                 f"flatten the inputs or set in_features to match the data"
             )
 
@@ -199,7 +202,9 @@ class LayeredNTKNet(nn.Module):
         return cls(in_features, widths, out_features, connectivity="chain", **kwargs)
 
     @classmethod
-    def densenet(cls, in_features: int, widths: Sequence[int], out_features: int = 1, **kwargs) -> LayeredNTKNet:
+    def densenet(
+        cls, in_features: int, widths: Sequence[int], out_features: int = 1, **kwargs
+    ) -> LayeredNTKNet:
         """DenseNet: every layer reads all earlier layers and the input (000 Appendix E, Eq. 37)."""
         return cls(in_features, widths, out_features, connectivity="dense", **kwargs)
 
@@ -220,7 +225,11 @@ class LayeredNTKNet(nn.Module):
         equal seeds); ``mask_seed=None`` draws one from torch's global generator. A neuron left with no
         incoming edge gets one edge back, chosen at random.
         """
-        if isinstance(drop_prob, bool) or not isinstance(drop_prob, int | float) or not 0.0 <= drop_prob < 1.0:
+        if (
+            isinstance(drop_prob, bool)
+            or not isinstance(drop_prob, int | float)
+            or not 0.0 <= drop_prob < 1.0
+        ):
             raise ValueError(f"drop_prob must be in [0, 1), got {drop_prob!r}")
         if mask_seed is None:
             mask_seed = int(torch.randint(0, 2**62, (1,)).item())

@@ -110,6 +110,16 @@ def test_cross_kernel_is_block_of_full_kernel(family, method, impl):
     assert_relative(other, full[:6, 6:], 1e-10)
 
 
+@pytest.mark.parametrize("family", ["masked", "edges"])
+def test_many_probes_few_outputs_masked_grouping(family):
+    """n >= 8 * k takes the per-neuron grouping for the output layer; chunks of probe pairs elsewhere."""
+    net = make_net(family, out=2, bias=True).double()
+    x = torch.randn(17, net.in_features, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    full = jacobian_kernel(net, x)
+    assert_relative(empirical_ntk(net, x, method="structured"), full, 1e-10)
+    assert_relative(empirical_ntk(net, x[:3], x, method="structured"), full[:6], 1e-10)
+
+
 def test_frozen_parameters_are_not_part_of_w():
     net = make_net("masked", out=2, bias=True).double()
     net.layers[0].weight.requires_grad_(False)

@@ -16,8 +16,12 @@ Two paths compute the same numbers (the tests check both against an explicit Jac
   Without a mask the bracket is the Gram matrix C_l C_l^T (+ 1), the same for every neuron, and layer l
   contributes (C_l C_l^T + 1) ⊙ (D_l diag(1/deg_l) D_l^T) (broadcast over the outputs a, b). With a mask the
   bracket is a per-neuron Gram matrix, computed as one GEMM (c_i ⊙ c_j) @ M_l^T over chunks of probe
-  pairs. The deltas come from one batched backward recursion over the k output basis vectors (plain
-  matmuls with the effective weights, sigma' in closed form); the n-by-P Jacobian is never formed.
+  pairs (only pairs i <= j for the symmetric kernel; per neuron for output layers). That costs about
+  n^2 * nnz(M_l) / 2, the same order as contracting the Jacobian for k = 1: masked layers gain a constant
+  (and a factor ~k^2 with k outputs),
+  unmasked ones orders of magnitude (O(n^2 (fan_l + k^2 m_l)) per layer, not O(n^2 k^2 P)). The deltas
+  come from one batched backward recursion over the k output basis vectors (plain matmuls with the
+  effective weights, sigma' in closed form); the n-by-P Jacobian is never formed.
 * ``"generic"`` (any ``nn.Module``, via ``torch.func``): ``generic_impl="jacobian"`` contracts per-probe
   Jacobians ``vmap(jacrev(f))`` block by block; ``generic_impl="ntk_vp"`` is the NTK-vector-product method of
   the torch.func "neural tangent kernels" tutorial: a vjp per probe of ``x`` with the k output basis
@@ -290,24 +294,39 @@ def _add_masked_layer_kernel(
 ) -> None:
     """K[i,a,j,b] += sum_r D1[i,a,r] D2[j,b,r] / deg[r] * Q[i,j,r],  Q[i,j,r] = sum_s M[r,s] c1[i,s] c2[j,s].
 
-    Q is one GEMM (c1_i ⊙ c2_j) @ M^T per chunk of rows i (1/deg is folded into D2). ``symmetric`` (c2, d2
-    are c1, d1): each chunk of rows i is paired with the probes j >= its first row only, and the part below
-    the diagonal is filled in by transposition, halving the work.
+    Q comes from one GEMM per chunk: (c1_i ⊙ c2_j) @ M^T over chunks of probe pairs, or, for a layer with
+    few neurons (an output layer), (C1 ⊙ M_r) @ C2^T over chunks of neurons r, whichever needs the smaller
+    elementwise product. 1/deg is folded into D2. ``symmetric`` (c2, d2 are c1, d1): a chunk of rows i is
+    paired with the probes j >= its first row only, and the part below the diagonal is filled in by
+    transposition (at least 8 chunks, so about half the pairs are skipped).
     """
     n1, k, m = d1.shape
     n2 = d2.shape[0]
-    mask_t = layer.mask.to(c1.dtype).T
+    mask = layer.mask.to(c1.dtype)
     d2 = d2 / layer.in_degree.to(d2.dtype)
-    per_row = n2 * max(layer.in_features, k * m)
-    for rows in chunks(n1, chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // per_row)):
+    if 8 * m <= n2:
+        per_neuron = n1 * max(layer.in_features, n2 * k)
+        for neurons in chunks(m, max(1, DEFAULT_CHUNK_ELEMENTS // per_neuron)):
+            masked_gram = ((c1.unsqueeze(0) * mask[neurons, None, :]) @ c2.T).permute(1, 2, 0)  # (n1, n2, r)
+            kernel += _contract_deltas(masked_gram, d1[:, :, neurons], d2[:, :, neurons])
+        return
+    chunk = chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // (n2 * max(layer.in_features, k * m)))
+    if symmetric:
+        chunk = min(chunk, -(-n1 // 8))
+    for rows in chunks(n1, chunk):
         cols = slice(rows.start if symmetric else 0, n2)
-        masked_gram = (c1[rows, None, :] * c2[None, cols, :]) @ mask_t  # Q, (b, nc, m)
-        nc = masked_gram.shape[1]
-        weighted = (masked_gram.unsqueeze(2) * d2[cols].unsqueeze(0)).reshape(-1, nc * k, m)  # (b, nc*k, m)
-        block = torch.bmm(d1[rows], weighted.transpose(1, 2)).view(-1, k, nc, k)
+        block = _contract_deltas((c1[rows, None, :] * c2[None, cols, :]) @ mask.T, d1[rows], d2[cols])
         kernel[rows, :, cols] += block
         if symmetric:  # K[j, b, i, a] = K[i, a, j, b] for the probes j past this chunk
             kernel[rows.stop :, :, rows] += block[:, :, rows.stop - rows.start :].permute(2, 3, 0, 1)
+
+
+def _contract_deltas(masked_gram: Tensor, d1: Tensor, d2: Tensor) -> Tensor:
+    """sum_r d1[i,a,r] d2[j,b,r] Q[i,j,r] for Q of shape (b1, b2, r): shape (b1, k, b2, k)."""
+    b1, b2, m = masked_gram.shape
+    k = d1.shape[1]
+    weighted = (masked_gram.unsqueeze(2) * d2.unsqueeze(0)).reshape(b1, b2 * k, m)
+    return torch.bmm(d1, weighted.transpose(1, 2)).view(b1, k, b2, k)
 
 
 def chunks(n: int, size: int) -> Iterator[slice]:

@@ -1,0 +1,66 @@
+"""The example scripts run (shrunk: fewer steps, smaller widths) and print what they claim to show."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def run_example(name: str, *args: str) -> str:
+    """Run ``examples/<name>`` in a fresh interpreter; return its stdout (fail with its stderr)."""
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *args], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def table_rows(out: str, first_column: str) -> dict[int, list[float]]:
+    """Rows of a printed table whose first cell is an integer: ``{first cell: the other cells}``."""
+    rows = {}
+    for line in out.splitlines():
+        cells = line.split()
+        if cells and cells[0].isdigit() and len(cells) > 1 and re.fullmatch(r"[-+.\deE]+|nan", cells[1]):
+            rows[int(cells[0])] = [float(cell) for cell in cells[1:]]
+    assert rows, f"no table with a {first_column!r} column in:\n{out}"
+    return rows
+
+
+def test_quickstart_shows_the_wide_network_closer_to_linear(tmp_path):
+    out = run_example("quickstart.py", "--widths", "16", "256", "--max-steps", "20", "--root", str(tmp_path))
+
+    rows = table_rows(out, "width")
+    narrow, wide = rows[16], rows[256]
+    # columns: lambda_min, kernel change, relative linearisation error, |cos| layer 2
+    assert wide[1] < narrow[1] and wide[2] < narrow[2] and wide[3] < narrow[3]
+    assert (tmp_path / "width_256" / "version_0" / "linearity_curves.png").is_file()
+
+
+def test_custom_model_is_measured_through_the_generic_path(tmp_path):
+    out = run_example(
+        "custom_model.py", "--width", "32", "--max-steps", "4", "--every", "2", "--root", str(tmp_path)
+    )
+
+    rows = table_rows(out, "step")
+    assert sorted(rows) == [0, 2, 4]
+    assert rows[0][:3] == [0.0, 0.0, 0.0]  # at w_0: no distance, no kernel change, f == f_lin
+    assert rows[4][0] > 0 and rows[4][1] > 0
+    assert "generic path" in out
+
+
+@pytest.mark.slow
+def test_ddp_cpu_matches_one_process(tmp_path):
+    out = run_example("ddp_cpu.py", "--max-steps", "4", "--width", "32", "--root", str(tmp_path))
+
+    assert "2 processes" in out
+    compared = [line.split() for line in out.splitlines() if line.strip().startswith("linearity/")]
+    assert len(compared) == 3
+    for _, single, ddp in compared:
+        assert float(ddp) == pytest.approx(float(single), rel=1e-5)
+    assert (tmp_path / "ddp_cpu" / "version_0" / "metrics.csv").is_file()

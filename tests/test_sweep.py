@@ -57,6 +57,8 @@ def tiny(tmp_path, **overrides) -> SweepConfig:
         ({"lr_scale": -1.0}, "lr_scale must be a positive number"),
         ({"max_steps": 0}, "max_steps must be a positive integer"),
         ({"jobs": 0}, "jobs must be a positive integer"),
+        ({"reference_slope": "half"}, "reference_slope must be a number"),
+        ({"fit_against": "depth"}, "fit_against must be one of"),
         ({"curves": ["grad_cosine"]}, "cannot plot 'grad_cosine' against the step"),
         ({"mode": "init", "metrics": ["lambda_min"], "curves": ["lambda_min"]}, "need mode 'train'"),
     ],
@@ -189,7 +191,7 @@ def test_sweep_writes_csv_report_and_plots_and_resumes(tmp_path, monkeypatch):
         return real(spec)
 
     monkeypatch.setattr(sweep_module, "execute_run", counting)
-    result = run_sweep(tiny(tmp_path, curves=["lambda_min_retained"]))
+    result = run_sweep(tiny(tmp_path, curves=["lambda_min_retained"], reference_slope=None))
     assert len(calls) == 3 and result.executed == 3
     assert [row["width"] for row in result.rows] == [4, 8, 16]
     for row in result.rows:
@@ -203,7 +205,7 @@ def test_sweep_writes_csv_report_and_plots_and_resumes(tmp_path, monkeypatch):
         assert (tmp_path / "out" / name).stat().st_size > 0
     assert "| `kernel_change:max` |" in (tmp_path / "out" / "sweep.md").read_text()
 
-    again = run_sweep(tiny(tmp_path, seeds=[0, 1], curves=["lambda_min_retained"]))  # only seed 1 runs
+    again = run_sweep(tiny(tmp_path, seeds=[0, 1], curves=["lambda_min_retained"]))  # seed 1 runs only
     assert len(calls) == 6 and again.executed == 3
     assert [row["width"] for row in again.rows] == [4, 4, 8, 8, 16, 16]
     assert again.rows[0] == result.rows[0]

@@ -200,6 +200,10 @@ class SweepConfig:
                 raise SweepError(f"{name} must be a positive number, got {value!r}")
         if not _is_int(self.jobs) or self.jobs < 1:
             raise SweepError(f"jobs must be a positive integer, got {self.jobs!r}")
+        if self.reference_slope is not None and (
+            not isinstance(self.reference_slope, int | float) or not math.isfinite(self.reference_slope)
+        ):
+            raise SweepError(f"reference_slope must be a number or null, got {self.reference_slope!r}")
         if self.fit_against not in FIT_AGAINST:
             raise SweepError(f"fit_against must be one of {list(FIT_AGAINST)}, got {self.fit_against!r}")
         if self.ci not in CI_METHODS:

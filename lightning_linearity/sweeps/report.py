@@ -158,6 +158,7 @@ def markdown_report(
         f"| metric | fitted exponent | {config.confidence:.0%} CI ({config.ci}) | R² | runs | reference |",
         "|---|---|---|---|---|---|",
     ]
+    reference = "—" if config.reference_slope is None else f"{config.reference_slope:g}"
     for column, fit in fits.items():
         if isinstance(fit, str):
             lines.append(f"| `{column}` | {fit} | | | | |")
@@ -165,7 +166,7 @@ def markdown_report(
             lines.append(
                 f"| `{column}` | {fit.slope:.3f} | [{fit.ci_low:.3f}, {fit.ci_high:.3f}] "
                 f"| {fit.r_squared:.3f} "
-                f"| {fit.num_runs} | {config.reference_slope:g} |"
+                f"| {fit.num_runs} | {reference} |"
             )
     if claim_lines:
         lines += ["", *[f"- {line}" for line in claim_lines]]

@@ -156,7 +156,7 @@ class HessianOptions:
     defaults measure a few probe points, one at a time.
 
     Attributes:
-        num_points: Hessians of the first ``num_points`` probe points (``None``: all of them).
+        num_points: Hessians at the first ``num_points`` probe points (``None``: all of them).
         tol: relative residual tolerance of Lanczos.
         max_iter: Lanczos steps (Hessian-vector products) per norm, at most.
         chunk_size: probe points per batched Lanczos run (``None``: all of a rank's share at once).
@@ -165,7 +165,7 @@ class HessianOptions:
         num_neurons: neurons sampled per layer in ``layers`` (``None``: all).
     """
 
-    num_points: int | None = 2
+    num_points: int | None = 1
     tol: float = 1e-3
     max_iter: int = 50
     chunk_size: int | None = 1
@@ -189,17 +189,23 @@ class CosineOptions:
     Attributes:
         layers: hidden layers to measure (``None``: every hidden layer of the package's nets; required for
             other models: names of submodules whose outputs are pre-activations).
+        num_points: average over the first ``num_points`` probe points (``None``: all of them).
         num_neurons: neurons sampled per layer, the same subset in every round (``None``: all).
         method: ``"auto"``, ``"structured"`` or ``"generic"``.
         chunk_size: probe points processed at once (``None``: sized automatically).
+
+    The cost grows like ``num_points * num_neurons`` times the squared width; the defaults (8 points x
+    32 neurons: 3968 pairs per layer) keep a round cheap next to training.
     """
 
     layers: tuple[Layer, ...] | None = None
-    num_neurons: int | None = 64
+    num_points: int | None = 8
+    num_neurons: int | None = 32
     method: Literal["auto", "structured", "generic"] = "auto"
     chunk_size: int | None = None
 
     def __post_init__(self) -> None:
+        _check_positive_int("num_points", self.num_points)
         _check_positive_int("num_neurons", self.num_neurons)
         _check_positive_int("chunk_size", self.chunk_size)
         if self.method not in ("auto", "structured", "generic"):
@@ -282,9 +288,18 @@ class Stage(ABC):
     def setup(self, model: nn.Module, dtype: torch.dtype) -> None:  # noqa: B027 (optional hook)
         """Check the options against the model before training; raise ``MisconfigurationException``."""
 
+    @property
+    def point_limit(self) -> int | None:
+        """Use only the first this-many probe points (``None``: all of them)."""
+        return None
+
     def num_points(self, probe_size: int) -> int:
-        """How many of the probe points this stage splits across ranks."""
-        return probe_size
+        """How many of the probe points (the first ones) this stage uses and splits across ranks."""
+        return probe_size if self.point_limit is None else min(probe_size, self.point_limit)
+
+    def inputs(self, ctx: RoundContext) -> Tensor:
+        """The probe inputs this stage uses."""
+        return ctx.probe.x[: self.num_points(len(ctx.probe))]
 
     @abstractmethod
     def rows(self, ctx: RoundContext, share: slice) -> dict[str, Tensor]:
@@ -401,8 +416,9 @@ class Hessian(Stage):
             _resolve_layers(model, self.options.layers, "hessian_norm") if self.options.layers else []
         )
 
-    def num_points(self, probe_size: int) -> int:
-        return min(probe_size, self.options.num_points or probe_size)
+    @property
+    def point_limit(self) -> int | None:
+        return self.options.num_points
 
     def _norms(self, ctx: RoundContext, x: Tensor, layer: Layer | None) -> Tensor:
         opts = self.options
@@ -418,7 +434,7 @@ class Hessian(Stage):
         )
 
     def rows(self, ctx: RoundContext, share: slice) -> dict[str, Tensor]:
-        x = ctx.probe.x[: self.num_points(len(ctx.probe))]
+        x = self.inputs(ctx)
         rows = {"": evaluate_share(lambda xs: self._norms(ctx, xs, None), x, share)}
         for layer, name in self.layers:
             rows[name] = evaluate_share(lambda xs, layer=layer: self._norms(ctx, xs, layer), x, share)
@@ -445,6 +461,10 @@ class Cosines(Stage):
     def setup(self, model: nn.Module, dtype: torch.dtype) -> None:
         self.layers = _resolve_layers(model, self.options.layers, "grad_cosines")
 
+    @property
+    def point_limit(self) -> int | None:
+        return self.options.num_points
+
     def rows(self, ctx: RoundContext, share: slice) -> dict[str, Tensor]:
         def per_probe(xs: Tensor, layer: Layer) -> Tensor:
             return neuron_gradient_cosines(
@@ -458,8 +478,9 @@ class Cosines(Stage):
                 chunk_size=self.options.chunk_size,
             )
 
+        x = self.inputs(ctx)
         return {
-            name: evaluate_share(lambda xs, layer=layer: per_probe(xs, layer), ctx.probe.x, share)
+            name: evaluate_share(lambda xs, layer=layer: per_probe(xs, layer), x, share)
             for layer, name in self.layers
         }
 

@@ -1,0 +1,243 @@
+"""LinearityMonitor's cost: training overhead on the digits FCN, and the DDP split of one metric round.
+
+    python benchmarks/overhead.py                      # both parts with every metric (defaults)
+    python benchmarks/overhead.py --part overhead --metrics ntk kernel_change grad_cosines linearization
+    python benchmarks/overhead.py --part ddp --round-steps 1
+
+Part 1 (overhead): the digits FCN example (NTKFCN, width 1024, depth 3, tanh, 10 outputs, square loss,
+SGD, batch 64) trained for ``--steps`` optimiser steps without the callback and with LinearityMonitor
+measuring ``--metrics`` (default: all five, with the callback's default options) every ``--every`` steps.
+The two runs alternate ``--repeats`` times in one process; the fastest of each counts, and the overhead is
+t_with / t_without - 1. The monitor's rounds (step 0, every ``--every`` steps, the end) and the stages of
+a round (``Kernel`` = ntk + kernel_change, ``Hessian``, ``Cosines``, ``Linearization``) are timed too.
+
+Part 2 (DDP split): the same network, metric rounds on 1 rank and on 2 ranks of ``strategy="ddp"`` (gloo,
+CPU), each rank with ``--threads`` torch threads: ranks stand for devices, so the 2-rank run is meant to
+have twice the hardware. Each run is a fresh process tree; a round is timed between two barriers, and the
+fastest round after the first (which also takes K_0 and w_0) counts. Besides wall time, the CPU time of
+the busiest rank shows how the work divides whatever else runs on the machine, and a control measures how
+much parallelism the machine offers at that moment: two processes sharing a fixed compute job against one
+process doing all of it (0.5 with two free cores, 1.0 with one core's worth).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.strategies import DDPStrategy
+
+from lightning_linearity.callbacks import LinearityMonitor
+from lightning_linearity.data import DigitsDataModule
+from lightning_linearity.models import NTKFCN
+
+WIDTH, DEPTH = 1024, 3
+METRICS = ("ntk", "kernel_change", "hessian_norm", "grad_cosines", "linearization")
+
+
+class TimedMonitor(LinearityMonitor):
+    """LinearityMonitor recording the wall time of each metric round (between barriers under DDP), the CPU
+    time of its busiest rank, and the wall time of each stage of a round."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.round_seconds: list[float] = []
+        self.round_cpu_seconds: list[float] = []
+        self.stage_seconds: dict[str, list[float]] = {}
+
+    def _round(self, trainer, pl_module, take_references=False):
+        rounds, strategy = len(self.history), trainer.strategy
+        strategy.barrier()
+        start, cpu = time.perf_counter(), time.process_time()
+        super()._round(trainer, pl_module, take_references)
+        cpu = torch.tensor(time.process_time() - cpu)
+        strategy.barrier()
+        if len(self.history) > rounds:
+            self.round_seconds.append(time.perf_counter() - start)
+            busiest = strategy.reduce(cpu, reduce_op="max") if strategy.world_size > 1 else cpu
+            self.round_cpu_seconds.append(float(busiest))
+
+    def _run_stage(self, strategy, stage, ctx, step):
+        start = time.perf_counter()
+        values = super()._run_stage(strategy, stage, ctx, step)
+        self.stage_seconds.setdefault(type(stage).__name__, []).append(time.perf_counter() - start)
+        return values
+
+    def stage_summary(self) -> str:
+        """Median seconds per round of each stage, e.g. ``Kernel 0.41 s, Hessian 12.30 s``."""
+        return ", ".join(f"{name} {statistics.median(s):.2f} s" for name, s in self.stage_seconds.items())
+
+
+def monitor(args, every: int | None) -> TimedMonitor:
+    metrics = {name: {} for name in args.metrics}
+    if "hessian_norm" in metrics and args.hessian_points is not None:
+        metrics["hessian_norm"] = {"num_points": args.hessian_points}
+    return TimedMonitor(metrics=metrics, every_n_steps=every, probe_size=args.probe_size, plots=False)
+
+
+def digits(args) -> DigitsDataModule:
+    return DigitsDataModule(batch_size=args.batch_size, seed=0)
+
+
+def network(data: DigitsDataModule, args) -> NTKFCN:
+    return NTKFCN(data.in_features, data.out_features, width=WIDTH, depth=DEPTH, seed=0, lr=args.lr)
+
+
+def trainer(args, callbacks, root: Path, **kwargs) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu",
+        max_steps=args.steps,
+        limit_val_batches=0,
+        logger=CSVLogger(root, name="", version=""),
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
+
+
+# ------------------------------------------------------------------------------------------- part 1
+def overhead(args) -> None:
+    """Fastest training time without and with the monitor, alternating runs."""
+    times: dict[str, list[float]] = {"without": [], "with": []}
+    for repeat in range(args.repeats):
+        for name in ("without", "with"):
+            callbacks = [monitor(args, args.every)] if name == "with" else []
+            data = digits(args)
+            with tempfile.TemporaryDirectory() as root:
+                run = trainer(args, callbacks, Path(root))
+                model = network(data, args)
+                start = time.perf_counter()
+                run.fit(model, datamodule=data)
+                times[name].append(time.perf_counter() - start)
+            timed = callbacks[0] if callbacks else None
+            print(f"  repeat {repeat}: {name:7s} {times[name][-1]:7.2f} s", file=sys.stderr, flush=True)
+    without, with_ = min(times["without"]), min(times["with"])
+    print(f"overhead: {args.steps} steps of batch {args.batch_size}, a round every {args.every} steps")
+    print(f"  without {without:.1f} s, with {with_:.1f} s -> overhead {100 * (with_ / without - 1):.1f}%")
+    print(
+        f"  rounds {', '.join(f'{s:.2f}' for s in timed.round_seconds)} s; per round: {timed.stage_summary()}"
+    )
+
+
+# ------------------------------------------------------------------------------------------- part 2
+def ddp_round(args) -> None:
+    """Inside one run of 1 or 2 ranks: time metric rounds; rank 0 prints them as JSON."""
+    timed = monitor(args, every=1)
+    ddp = DDPStrategy(process_group_backend="gloo", timeout=timedelta(minutes=30))
+    data = digits(args)
+    with tempfile.TemporaryDirectory() as root:
+        run = trainer(
+            args, [timed], Path(root), devices=args.devices, strategy=ddp if args.devices > 1 else "auto"
+        )
+        run.fit(network(data, args), datamodule=data)
+    if run.is_global_zero:
+        summary = {
+            "wall": timed.round_seconds,
+            "cpu": timed.round_cpu_seconds,
+            "stages": timed.stage_summary(),
+        }
+        print("ROUNDS " + json.dumps(summary), flush=True)
+
+
+def control_job(args) -> None:
+    """The parallelism control's job: wait for the common start time, multiply matrices, print seconds."""
+    a, b = torch.randn(512, 512), torch.randn(512, 512)
+    time.sleep(max(0.0, args.control_start - time.time()))
+    start = time.perf_counter()
+    for _ in range(args.control_iters):
+        a @ b
+    print(time.perf_counter() - start, flush=True)
+
+
+def parallel_control(args, iterations: int = 400) -> float:
+    """Wall time of a fixed compute job split over 2 concurrent processes / done by 1 process."""
+
+    def slowest(iters: int, processes: int) -> float:
+        start = str(time.time() + 20)  # every process has imported torch by then
+        command = [sys.executable, __file__, "--control-start", start, "--threads", str(args.threads)]
+        jobs = [
+            subprocess.Popen([*command, "--control-iters", str(iters)], stdout=subprocess.PIPE, text=True)
+            for _ in range(processes)
+        ]
+        return max(float(job.communicate()[0]) for job in jobs)
+
+    return slowest(iterations // 2, 2) / slowest(iterations, 1)
+
+
+def ddp_split(args) -> None:
+    """Metric rounds on 1 rank and on 2 ranks, each a fresh process tree, and the parallelism control."""
+    runs = []
+    for devices in (1, 2):
+        command = [sys.executable, __file__, "--ddp-round", "--devices", str(devices)]
+        command += ["--steps", str(args.round_steps), "--threads", str(args.threads)]
+        command += ["--probe-size", str(args.probe_size), "--batch-size", str(args.batch_size)]
+        command += ["--lr", str(args.lr), "--metrics", *args.metrics]
+        if args.hessian_points is not None:
+            command += ["--hessian-points", str(args.hessian_points)]
+        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        runs.append(json.loads(next(line for line in out.splitlines() if line.startswith("ROUNDS "))[7:]))
+        print(f"  {devices} rank(s): {runs[-1]}", file=sys.stderr, flush=True)
+    # the rounds after the first (which also takes K_0 and w_0): the fastest counts
+    (wall_1, wall_2), (cpu_1, cpu_2) = ([min(run[key][1:]) for run in runs] for key in ("wall", "cpu"))
+    print(f"ddp split, one metric round, {args.threads} thread(s) per rank:")
+    print(f"  wall: 1 rank {wall_1:.2f} s, 2 ranks {wall_2:.2f} s -> ratio {wall_2 / wall_1:.2f}")
+    print(
+        f"  CPU of the busiest rank: 1 rank {cpu_1:.2f} s, 2 ranks {cpu_2:.2f} s -> ratio {cpu_2 / cpu_1:.2f}"
+    )
+    print(f"  per round, 1 rank: {runs[0]['stages']}; 2 ranks: {runs[1]['stages']}")
+    print(f"  control: 2 processes sharing a fixed job / 1 process doing it: {parallel_control(args):.2f}")
+
+
+def main() -> None:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument("--part", choices=("overhead", "ddp", "both"), default="both")
+    parser.add_argument("--metrics", nargs="+", choices=METRICS, default=list(METRICS))
+    parser.add_argument("--hessian-points", type=int, default=None, help="hessian_norm's num_points")
+    parser.add_argument("--probe-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=200, help="optimiser steps of the part 1 runs")
+    parser.add_argument("--every", type=int, default=50, help="every_n_steps of the monitor in part 1")
+    parser.add_argument("--repeats", type=int, default=2, help="alternating runs of part 1")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (per rank in part 2)")
+    parser.add_argument(
+        "--round-steps", type=int, default=2, help="steps of the part 2 runs: steps + 1 rounds"
+    )
+    parser.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--ddp-round", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--control-start", type=float, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--control-iters", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.ddp_round:
+        ddp_round(args)
+    elif args.control_start is not None:
+        control_job(args)
+    else:
+        print(
+            f"torch {torch.__version__}, {args.threads} thread(s), NTKFCN width {WIDTH} depth {DEPTH}, digits"
+        )
+        print(
+            f"metrics {args.metrics}, probe {args.probe_size}, hessian_norm num_points {args.hessian_points}"
+        )
+        if args.part in ("overhead", "both"):
+            overhead(args)
+        if args.part in ("ddp", "both"):
+            ddp_split(args)
+
+
+if __name__ == "__main__":
+    main()

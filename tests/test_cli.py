@@ -13,7 +13,7 @@ import pytest
 from jsonargparse import ArgumentError
 from pytorch_lightning.loggers import CSVLogger
 
-from lightning_linearity.cli import TRACEBACK_ENV, LinearityCLI, main
+from lightning_linearity.cli import TRACEBACK_ENV, LinearityCLI, _expected_error, main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -232,6 +232,15 @@ def test_logger_without_its_package_names_the_extra(logger, modules, extra, monk
         f"lightning-linearity: error: {logger} needs the {modules[0]} package: "
         f"pip install lightning-linearity[{extra}]"
     )
+
+
+def test_wandb_account_errors_are_user_errors_and_bugs_are_not():
+    usage_error = type("UsageError", (Exception,), {"__module__": "wandb.errors.errors"})
+
+    report = _expected_error(usage_error("No API key configured.\nmore"))
+    assert report == "W&B: No API key configured. (to log without an account: WANDB_MODE=offline)"
+    assert _expected_error(FileNotFoundError("no such folder")) == "no such folder"
+    assert _expected_error(RuntimeError("a bug")) is None
 
 
 def test_traceback_on_request(monkeypatch):

@@ -101,12 +101,13 @@ def write_curves(
     rows: Sequence[Mapping[str, Any]],
     histories: Mapping[str, Sequence[Mapping[str, float]]],
 ) -> None:
-    """One quantity against the training step, one line per width (its first seed's run)."""
+    """One quantity against the training step, one line per width (its first seed's run); a log y-axis
+    when the positive values span more than a decade."""
     figure = Figure(figsize=(5.5, 4.0), dpi=100)
     FigureCanvasAgg(figure)
     ax = figure.add_subplot()
     colours = matplotlib.colormaps["viridis"]
-    widths = sorted(config.widths)
+    widths, drawn = sorted(config.widths), []
     for index, width in enumerate(widths):
         run = next((row for row in rows if row["width"] == width and row["run_id"] in histories), None)
         if run is None:
@@ -114,6 +115,9 @@ def write_curves(
         points = QUANTITIES[name].series(histories[run["run_id"]], "")
         colour = colours(index / max(1, len(widths) - 1))
         ax.plot([s for s, _ in points], [v for _, v in points], color=colour, label=f"m = {width}")
+        drawn += [v for _, v in points]
+    if drawn and min(drawn) > 0 and max(drawn) > 10 * min(drawn):
+        ax.set_yscale("log")
     ax.set_xlabel("gradient-descent step t")
     ax.set_ylabel(name)
     ax.set_title(f"{config.name}: {config.model}, seed {config.seeds[0]}", fontsize=10)

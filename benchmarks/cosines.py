@@ -1,0 +1,98 @@
+"""Neuron-gradient cosines: the structured Gram recursion vs per-neuron backward passes, from one run.
+
+    python benchmarks/cosines.py              # the table of benchmarks/README.md (a few minutes on 2 cores)
+    python benchmarks/cosines.py --threads 1
+
+Three ways to get the mean |cos| of MATH.md 2.5 for the last hidden layer of a tanh FCN (depth 3, input
+dim 64, 20 probes as in 000 Figure 3):
+
+* ``structured``: ``neuron_gradient_cosines(method="structured")``, G_l = sum_k J_lk diag(g_k) J_lk^T from one
+  batched backward recursion (no per-neuron gradient is ever formed);
+* ``generic``: ``neuron_gradient_cosines(method="generic")``, per-probe ``vmap(jacrev)`` of the neurons;
+* ``per-neuron``: the textbook loop, one ``torch.autograd.grad`` per probe and neuron over all parameters,
+  the gradients stacked and their cosines taken (written out here, independent of the package).
+
+The last column is the largest difference between the three values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+from lightning_linearity.metrics.cosines import neuron_gradient_cosines
+from lightning_linearity.nets import LayeredNTKNet
+
+IN_FEATURES, DEPTH, PROBES = 64, 3, 20
+
+
+def per_neuron_backward(net: LayeredNTKNet, x: torch.Tensor, layer: int, neurons: torch.Tensor) -> float:
+    params = list(net.parameters())
+    values = []
+    for i in range(x.shape[0]):
+        z = net.trace(x[i : i + 1]).preactivations[layer - 1][0]
+        grads = torch.stack([
+            torch.cat([
+                g.reshape(-1)
+                for g in torch.autograd.grad(z[r], params, retain_graph=True, materialize_grads=True)
+            ])
+            for r in neurons.tolist()
+        ])  # fmt: skip
+        unit = grads / grads.norm(dim=1, keepdim=True)
+        cos = (unit @ unit.T).abs()
+        s = len(neurons)
+        values.append(((cos.sum() - cos.diagonal().sum()) / (s * (s - 1))).item())
+    return sum(values) / len(values)
+
+
+def timed(fn, repeat: int) -> tuple[float, float]:
+    best, value = float("inf"), None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        value = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, float(value)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, float32, "
+        f"tanh FCN depth {DEPTH}, input dim {IN_FEATURES}, n = {PROBES}, layer {DEPTH}; "
+        f"load average {os.getloadavg()[0]:.1f}\n"
+    )
+    print("| width | neurons compared | structured s | generic s | per-neuron s | generic / structured "
+          "| per-neuron / structured | mean abs cos | max diff |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    x = torch.randn(PROBES, IN_FEATURES, generator=torch.Generator().manual_seed(0))
+    for width, num_neurons in ((128, None), (512, 128), (1024, 64), (2048, 32)):
+        net = LayeredNTKNet.fcn(IN_FEATURES, [width] * DEPTH, 1, seed=0)
+        count = num_neurons or width
+        neurons = torch.randperm(width, generator=torch.Generator().manual_seed(1))[:count]
+
+        def metric(method, num_neurons=num_neurons, net=net):
+            generator = torch.Generator().manual_seed(1)
+            return neuron_gradient_cosines(net, x, DEPTH, num_neurons=num_neurons, generator=generator,
+                                           method=method)  # fmt: skip
+
+        neuron_gradient_cosines(net, x[:2], DEPTH, num_neurons=2, method="generic")  # warm-up
+        fast, value = timed(lambda: metric("structured"), 3)
+        generic, generic_value = timed(lambda: metric("generic"), 1)
+        loop, loop_value = timed(lambda net=net, rows=neurons: per_neuron_backward(net, x, DEPTH, rows), 1)
+        diff = max(value, generic_value, loop_value) - min(value, generic_value, loop_value)
+        print(
+            f"| {width} | {count} | {fast:.3f} | {generic:.2f} | {loop:.2f} | {generic / fast:.0f}x "
+            f"| {loop / fast:.0f}x | {value:.4f} | {diff:.0e} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

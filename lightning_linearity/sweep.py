@@ -35,11 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from lightning_linearity.callbacks.linearity_monitor import LinearityMonitor
 from lightning_linearity.sweeps.claims import Claim, ClaimResult, check_claim
-from lightning_linearity.sweeps.collect import REDUCTIONS, check_metric_specs, curve_specs, monitor_metrics
+from lightning_linearity.sweeps.collect import REDUCTIONS, check_layers, check_metric_specs
 from lightning_linearity.sweeps.config import (
     DEFAULT_DATA,
     FIT_AGAINST,
@@ -112,7 +110,6 @@ def _preflight(config: SweepConfig) -> tuple[list[str], list[Claim]]:
     Returns the metric columns the sweep fills and its parsed claims.
     """
     specs = check_metric_specs(config.metrics, config.mode)
-    curves = curve_specs(config.curves, config.mode)
     try:
         data = build_data(config)
     except (TypeError, ValueError) as err:
@@ -125,8 +122,8 @@ def _preflight(config: SweepConfig) -> tuple[list[str], list[Claim]]:
         ) from None
     layer_names = model.layered_net.hidden_layer_names
     try:
-        LinearityMonitor(metrics=monitor_metrics([*specs, *curves], config.monitor_args, layer_names))
-    except (ValueError, MisconfigurationException) as err:
+        check_layers(specs, layer_names)
+    except ValueError as err:
         raise SweepError(str(err)) from None
     columns = [column for spec in specs for column, _ in spec.columns(layer_names)]
     try:

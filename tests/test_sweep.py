@@ -97,8 +97,16 @@ def test_run_identity_is_the_full_parameter_set(tmp_path):
     base = tiny(tmp_path)
     ids = {spec.run_id for spec in base.runs()}
     assert len(ids) == 3  # three widths, one seed
+    assert base.runs()[0].params()["monitor"]["kernel_change"]  # the monitor's defaults, resolved
     assert tiny(tmp_path, out=str(tmp_path / "elsewhere"), jobs=2).runs()[0].run_id == base.runs()[0].run_id
-    for change in ({"max_steps": 6}, {"lr_scale": 0.25}, {"metrics": ["lambda_min:init"]}, {"seeds": [1]}):
+    changes = (
+        {"max_steps": 6},
+        {"lr_scale": 0.25},
+        {"metrics": ["lambda_min:init"]},
+        {"seeds": [1]},
+        {"monitor_args": {"ntk": {"pl_ratio": False}}},  # the monitor's options, defaults resolved, count
+    )
+    for change in changes:
         assert tiny(tmp_path, **change).runs()[0].run_id not in ids
 
 
@@ -163,7 +171,7 @@ def test_per_layer_columns_and_missing_values():
 
 def test_monitor_metrics_always_measure_the_kernel_and_restrict_layers():
     specs = [parse_metric_spec("grad_cosine/layer_2"), parse_metric_spec("hessian_norm:init")]
-    options = monitor_metrics(specs, {"hessian_norm": {"max_iter": 20}}, ["layer_1", "layer_2"])
+    options = monitor_metrics(specs, {"hessian_norm": {"max_iter": 20}})
     assert options == {"grad_cosines": {"layers": ["layer_2"]}, "hessian_norm": {"max_iter": 20}, "ntk": {}}
 
 

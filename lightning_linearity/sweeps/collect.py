@@ -213,7 +213,7 @@ def curve_specs(curves: Sequence[str], mode: str) -> list[MetricSpec]:
 
 
 def monitor_metrics(
-    specs: Sequence[MetricSpec], monitor_args: Mapping[str, Any], layer_names: Sequence[str]
+    specs: Sequence[MetricSpec], monitor_args: Mapping[str, Any]
 ) -> dict[str, dict[str, Any]]:
     """The ``metrics`` mapping for :class:`LinearityMonitor`: every monitor metric the specs need.
 
@@ -221,7 +221,7 @@ def monitor_metrics(
     restricted to the layers asked for, unless ``monitor_args`` names its layers.
 
     Raises:
-        ValueError: a layer the network does not have, or ``monitor_args`` for a metric no spec uses.
+        ValueError: ``monitor_args`` for a metric no spec uses.
     """
     needed = {ALWAYS_MONITORED} | {s.quantity.monitor for s in specs if s.quantity.monitor is not None}
     unused = sorted(set(monitor_args) - needed)
@@ -229,15 +229,19 @@ def monitor_metrics(
         raise ValueError(f"monitor_args has options for {unused}, which none of the requested metrics uses")
     options = {name: dict(monitor_args.get(name) or {}) for name in sorted(needed)}
     cosine_specs = [s for s in specs if s.quantity.per_layer]
-    for spec in cosine_specs:
+    if cosine_specs and all(s.layer is not None for s in cosine_specs):
+        options["grad_cosines"].setdefault("layers", sorted({s.layer for s in cosine_specs}))
+    return options
+
+
+def check_layers(specs: Sequence[MetricSpec], layer_names: Sequence[str]) -> None:
+    """Raise ``ValueError`` if a spec names a hidden layer the network does not have."""
+    for spec in specs:
         if spec.layer is not None and spec.layer not in layer_names:
             raise ValueError(
                 f"metric {spec.name!r}: the network has no hidden layer {spec.layer!r}; "
                 f"it has {list(layer_names)}"
             )
-    if cosine_specs and all(s.layer is not None for s in cosine_specs):
-        options["grad_cosines"].setdefault("layers", sorted({s.layer for s in cosine_specs}))
-    return options
 
 
 def reduce_series(values: Sequence[float], reduction: str) -> float:

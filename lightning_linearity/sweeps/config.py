@@ -16,13 +16,15 @@ import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from lightning_linearity.sweeps.collect import check_metric_specs, curve_specs
+from lightning_linearity.callbacks.linearity_monitor import LinearityMonitor
+from lightning_linearity.sweeps.collect import check_metric_specs, curve_specs, monitor_metrics
 
 MODELS = ("NTKFCN", "NTKDenseNet", "MaskedDAGNet")
 DATA = ("digits", "gaussian")
@@ -214,9 +216,18 @@ class SweepConfig:
             raise SweepError(f"the output folder {self.out!r} is a file; give a folder path")
         try:
             check_metric_specs(self.metrics, self.mode)
-            curve_specs(self.curves, self.mode)
-        except ValueError as err:
+            self.monitor_options()
+        except (ValueError, MisconfigurationException) as err:
             raise SweepError(str(err)) from None
+
+    def monitor_options(self) -> dict[str, dict[str, Any]]:
+        """The options of every :class:`LinearityMonitor` metric the runs measure, defaults resolved.
+
+        Part of every run's identity: a run measured under other monitor defaults is a different run.
+        """
+        specs = [*check_metric_specs(self.metrics, self.mode), *curve_specs(self.curves, self.mode)]
+        options = monitor_metrics(specs, self.monitor_args)
+        return LinearityMonitor(metrics=options, plots=False).settings()["metrics"]
 
     # ------------------------------------------------------------------------------------- runs
     def runs(self) -> list[RunSpec]:
@@ -235,9 +246,6 @@ class SweepConfig:
         """The data module's arguments (without ``name``), full-batch."""
         kwargs = {k: v for k, v in self.data.items() if k != "name"}
         return {**kwargs, "full_batch": True, "shuffle": False}
-
-    def to_dict(self) -> dict[str, Any]:
-        return _plain(asdict(self))
 
 
 def _positive(value: object) -> bool:
@@ -268,8 +276,7 @@ class RunSpec:
                 "lr_scale": c.lr_scale,
                 "every_n_steps": c.every_n_steps if c.mode == "train" else None,
                 "metrics": sorted(c.metrics),
-                "curves": sorted(c.curves),
-                "monitor_args": c.monitor_args,
+                "monitor": c.monitor_options(),
             }
         )
 

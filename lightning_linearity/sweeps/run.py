@@ -46,8 +46,6 @@ from lightning_linearity.sweeps.collect import (
     PREFIX,
     check_metric_specs,
     collect,
-    curve_specs,
-    monitor_metrics,
 )
 from lightning_linearity.sweeps.config import RunSpec, SweepConfig
 
@@ -163,9 +161,7 @@ def execute_run(spec: RunSpec) -> tuple[dict[str, Any], list[dict[str, float]]]:
         layer_names = model.layered_net.hidden_layer_names
         training = config.mode == "train"
         monitor = LinearityMonitor(
-            metrics=monitor_metrics(
-                [*specs, *curve_specs(config.curves, config.mode)], config.monitor_args, layer_names
-            ),
+            metrics=config.monitor_options(),
             every_n_steps=config.every_n_steps if training else None,
             probe_data=(x, y),
             seed=spec.seed,

@@ -13,6 +13,7 @@ import lightning_linearity.sweep as sweep_module
 from lightning_linearity.sweep import main, run_sweep
 from lightning_linearity.sweeps.collect import collect, monitor_metrics, parse_metric_spec
 from lightning_linearity.sweeps.config import SweepConfig, SweepError, load_config_file
+from lightning_linearity.sweeps.run import execute_run
 from lightning_linearity.sweeps.store import RunStore
 
 #: A sweep that trains in well under a second per run.
@@ -224,6 +225,13 @@ def test_init_mode_takes_no_step(tmp_path):
     for row in result.rows:
         assert row["status"] == "init" and row["steps"] == 0
         assert row["hessian_norm:init"] > 0
+
+
+def test_too_large_a_step_is_reported_as_diverged(tmp_path):
+    """eta = 8 / lambda_max(K_0) is far beyond the stable 2 / lambda_max: the loss blows up."""
+    record, _ = execute_run(tiny(tmp_path, lr_scale=8.0, max_steps=40).runs()[-1])
+    assert record["status"] == "diverged" and record["steps"] < 40
+    assert record["max_loss_ratio"] > 1 and record["eta_lambda_max"] > 2
 
 
 def test_parallel_runs_match_sequential_runs(tmp_path):

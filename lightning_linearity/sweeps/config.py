@@ -25,6 +25,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from lightning_linearity.callbacks.linearity_monitor import LinearityMonitor
 from lightning_linearity.sweeps.collect import check_metric_specs, curve_specs, monitor_metrics
+from lightning_linearity.sweeps.fit import CI_METHODS, MIN_WIDTHS
 
 MODELS = ("NTKFCN", "NTKDenseNet", "MaskedDAGNet")
 DATA = ("digits", "gaussian")
@@ -153,8 +154,6 @@ class SweepConfig:
 
     # ------------------------------------------------------------------------------------- checks
     def _check(self) -> None:
-        from lightning_linearity.sweeps.fit import CI_METHODS, MIN_WIDTHS
-
         bad = [w for w in self.widths if not _is_int(w) or w < 1]
         if bad or not self.widths:
             raise SweepError(f"widths must be positive integers, got {list(self.widths)!r}")

@@ -43,6 +43,11 @@ Reduction = Literal["none", "max", "mean"]
 _REDUCTIONS = ("none", "max", "mean")
 
 
+#: Krylov-basis entries a batched Lanczos run may hold when ``chunk_size`` is None
+#: (2**28 entries = 1 GiB in float32).
+DEFAULT_KRYLOV_ELEMENTS = 2**28
+
+
 @dataclass(frozen=True)
 class HessianInfo:
     """How :func:`hessian_spectral_norm` got its values.
@@ -105,8 +110,9 @@ def hessian_spectral_norm(
         max_iter: Lanczos steps (Hessian-vector products) per value, at most.
         reduction: ``"none"`` -> (n, q) with q = k outputs or ``num_neurons``; ``"max"`` / ``"mean"`` over
             all of them -> scalar.
-        chunk_size: probe points per batched Lanczos run (all if ``None``). Memory grows like
-            ``chunk_size * q * (Krylov size) * P`` numbers for P parameters.
+        chunk_size: probe points per batched Lanczos run. Memory grows like
+            ``chunk_size * q * (Krylov size) * P`` numbers for P parameters; ``None`` picks the largest
+            chunk whose Krylov bases fit :data:`DEFAULT_KRYLOV_ELEMENTS` (at least one probe).
         return_info: also return a :class:`HessianInfo`.
 
     Returns:
@@ -117,7 +123,6 @@ def hessian_spectral_norm(
     check_solver_options(tol, max_iter)
     params = trainable_parameters(model)
     n, q = evaluate(model, x).shape
-    slices = chunk_slices(n, chunk_size)
     check_differentiable(model, x)
     first = next(iter(params.values()))
     dtype, device = first.dtype, first.device
@@ -138,8 +143,10 @@ def hessian_spectral_norm(
         def f(p: Params, xi: Tensor) -> Tensor:
             return g(p, xi.unsqueeze(0)).squeeze(0)[neurons]
 
+    if chunk_size is None:
+        chunk_size = default_chunk_size(q, num_parameters(params), max_iter)
     values, converged, num_hvps = [], [], 0
-    for chunk in slices:
+    for chunk in chunk_slices(n, chunk_size):
         try:
             result = lanczos(
                 hessian_operator(f, params, x[chunk], q),
@@ -178,6 +185,16 @@ def hessian_spectral_norm(
     if not return_info:
         return values
     return values, HessianInfo(num_hvps, converged, max_iter, float(tol), layer_name, neurons)
+
+
+def default_chunk_size(num_outputs: int, num_params: int, max_iter: int) -> int:
+    """Probe points per Lanczos batch so that the Krylov bases hold at most ``DEFAULT_KRYLOV_ELEMENTS``.
+
+    Each of the ``chunk * num_outputs`` Lanczos runs keeps up to ``min(max_iter, 64)`` basis vectors of
+    ``num_params`` entries (64: the usual iteration count stays well below it; the basis grows on demand).
+    """
+    per_probe = num_outputs * min(max_iter, 64) * num_params
+    return max(1, DEFAULT_KRYLOV_ELEMENTS // per_probe)
 
 
 def hessian_operator(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ def wandb_records(path: Path):
     """The protobuf records of a ``run-*.wandb`` transaction log, reassembled from their chunks.
 
     Each chunk has a 7-byte header (CRC32, little-endian length, type: 1 full, 2 first, 3 middle,
-    4 last); a block's tail shorter than a header is padding.
+    4 last); a block's tail shorter than a header is padding. Reading stops at a truncated chunk.
     """
     data = path.read_bytes()
     assert data[:4] == b":W&B", f"{path} is not a W&B transaction log"
@@ -34,6 +35,8 @@ def wandb_records(path: Path):
             pos += BLOCK - pos % BLOCK
             continue
         length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        if pos + 7 + length > len(data):
+            return  # a chunk still being written
         payload += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
@@ -41,6 +44,18 @@ def wandb_records(path: Path):
             record.ParseFromString(payload)
             payload = b""
             yield record
+
+
+def finished_run_records(path: Path, timeout: float = 60.0) -> list:
+    """The records of a run's log once it holds the run's ``exit`` record: wandb's service process may
+    still be writing the file when ``wandb.finish()`` returns."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = list(wandb_records(path))
+        if any(record.WhichOneof("record_type") == "exit" for record in records):
+            return records
+        assert time.monotonic() < deadline, f"{path} has no exit record after {timeout} s"
+        time.sleep(0.5)
 
 
 def items(update) -> dict[str, object]:
@@ -61,7 +76,7 @@ def test_offline_wandb_run_records_metrics_config_and_images(tmp_path, monkeypat
         wandb.finish()
 
     (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
-    records = list(wandb_records(run_file))
+    records = finished_run_records(run_file)
     history = [items(r.history.item) for r in records if r.WhichOneof("record_type") == "history"]
     config = {}
     for r in records:

@@ -62,5 +62,7 @@ def test_ddp_cpu_matches_one_process(tmp_path):
     compared = [line.split() for line in out.splitlines() if line.strip().startswith("linearity/")]
     assert len(compared) == 3
     for _, single, ddp in compared:
-        assert float(ddp) == pytest.approx(float(single), rel=1e-5)
+        # float32 rows of K gathered from two ranks vs K in one piece: entries agree to rounding, ~1e-7 of
+        # ||K|| ~ 5, which moves lambda_min ~ 0.03 by ~1e-5 of itself at most
+        assert float(ddp) == pytest.approx(float(single), rel=1e-4)
     assert (tmp_path / "ddp_cpu" / "version_0" / "metrics.csv").is_file()

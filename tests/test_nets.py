@@ -271,6 +271,13 @@ def test_bad_edge_lists(edges, kwargs, match):
         LayeredNTKNet.from_edges(edges, **kwargs)
 
 
+def test_cycle_search_starting_downstream_of_the_cycle():
+    """'o' is listed first among the vertices that cannot be ordered but only lies downstream of the cycle."""
+    edges = [("o2", "o"), ("c", "o"), ("a", "b"), ("b", "c"), ("c", "a"), ("x", "a")]
+    with pytest.raises(ValueError, match=r"has a cycle 'c' -> 'a' -> 'b' -> 'c'; it must be acyclic"):
+        layer_edges(edges)
+
+
 def test_input_of_the_wrong_size():
     net = LayeredNTKNet.fcn(4, [8], 1)
     with pytest.raises(ValueError, match=r"expects \(n, in_features=4\)"):

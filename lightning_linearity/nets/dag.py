@@ -96,16 +96,23 @@ def _ordered(vertices: Iterable[Hashable], first_seen: dict[Hashable, int]) -> l
         return sorted(vertices, key=first_seen.__getitem__)
 
 
-def _find_cycle(successors: dict[Hashable, list[Hashable]], remaining: set[Hashable]) -> list[Hashable]:
-    """A cycle among ``remaining`` (vertices Kahn's algorithm could not order)."""
-    start = next(iter(remaining))
+def _find_cycle(
+    predecessors: dict[Hashable, list[Hashable]], remaining: set[Hashable], first_seen: dict[Hashable, int]
+) -> list[Hashable]:
+    """A cycle among ``remaining`` (vertices Kahn's algorithm could not order), in edge direction.
+
+    Every such vertex kept a non-zero in-degree, so it has a predecessor in ``remaining``: walking
+    backwards never stops and must revisit a vertex (walking forwards could end at a vertex that is only
+    downstream of a cycle). The walk starts at the first-listed such vertex, so the report is reproducible.
+    """
     path, position = [], {}
-    vertex = start
+    vertex = next(w for w in first_seen if w in remaining)
     while vertex not in position:
         position[vertex] = len(path)
         path.append(vertex)
-        vertex = next(s for s in successors[vertex] if s in remaining)
-    return [*path[position[vertex] :], vertex]
+        vertex = next(p for p in predecessors[vertex] if p in remaining)
+    cycle = [*path[position[vertex] :], vertex]
+    return cycle[::-1]
 
 
 def layer_edges(
@@ -157,7 +164,7 @@ def layer_edges(
             if indegree[s] == 0:
                 order.append(s)
     if len(order) < len(first_seen):
-        cycle = _find_cycle(successors, set(first_seen) - set(order))
+        cycle = _find_cycle(predecessors, set(first_seen) - set(order), first_seen)
         raise ValueError(f"the graph has a cycle {' -> '.join(map(repr, cycle))}; it must be acyclic")
 
     sources = [w for w in first_seen if not predecessors[w]]

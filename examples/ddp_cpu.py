@@ -47,7 +47,7 @@ def main() -> None:
     torch.set_num_threads(1)  # one core per process
 
     data = DigitsDataModule(batch_size=32, seed=0)  # 32 per process: a global batch of 64
-    model = NTKFCN(64, 10, width=args.width, depth=2, lr=0.1, seed=0)
+    model = NTKFCN(64, 10, width=args.width, depth=2, lr=0.1, init_seed=0)
     monitor = LinearityMonitor(
         metrics=("ntk", "kernel_change", "grad_cosines"), every_n_steps=10, probe_size=PROBE_SIZE
     )

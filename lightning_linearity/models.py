@@ -175,7 +175,8 @@ class NTKFCN(LinearityModule):
         activation: tanh, erf, softplus, gelu, sigmoid, relu or identity.
         bias: add biases (N(0,1) weights on a constant-1 input, counted in the in-degree).
         widths: per-layer hidden widths, e.g. ``[1000, 16, 1000]`` for 000 Figure 3's bottleneck network.
-        seed: draw the initial weights from this seed's own stream (else torch's global generator).
+        init_seed: draw the initial weights from this seed's own stream (else torch's global generator;
+            named apart from the data modules' ``seed``, since Lightning logs both in one hparams set).
         loss, optimizer, lr, momentum, weight_decay: see :class:`LinearityModule`.
     """
 
@@ -188,7 +189,7 @@ class NTKFCN(LinearityModule):
         activation: str = "tanh",
         bias: bool = False,
         widths: list[int] | None = None,
-        seed: int | None = None,
+        init_seed: int | None = None,
         loss: LossName = "mse",
         optimizer: OptimizerName = "sgd",
         lr: float = 0.01,
@@ -203,7 +204,7 @@ class NTKFCN(LinearityModule):
             out_features,
             activation=activation,
             bias=bias,
-            seed=seed,
+            seed=init_seed,
         )
         self._init_metrics()
 
@@ -223,7 +224,7 @@ class NTKDenseNet(LinearityModule):
         activation: str = "tanh",
         bias: bool = False,
         widths: list[int] | None = None,
-        seed: int | None = None,
+        init_seed: int | None = None,
         loss: LossName = "mse",
         optimizer: OptimizerName = "sgd",
         lr: float = 0.01,
@@ -238,7 +239,7 @@ class NTKDenseNet(LinearityModule):
             out_features,
             activation=activation,
             bias=bias,
-            seed=seed,
+            seed=init_seed,
         )
         self._init_metrics()
 
@@ -247,14 +248,14 @@ class MaskedDAGNet(LinearityModule):
     """DenseNet connectivity with edges dropped i.i.d. (004 Figure 2), or a DAG from an edge list.
 
     With ``edges=None``: each DenseNet edge is kept with probability ``1 - drop_prob``; the mask comes from
-    ``mask_seed``'s own random stream, independent of the weights even when ``seed == mask_seed``
+    ``mask_seed``'s own random stream, independent of the weights even when ``init_seed == mask_seed``
     (``mask_seed=None`` draws one from torch's global generator). A neuron left with no incoming edge
     gets one edge back, chosen at random. With ``edges``: the DAG given as ``[u, v]`` pairs, layered by
     longest path from the inputs (004 Def. 2.5); ``in_features`` must equal the number of inputs (use
     :meth:`from_edges` to infer it). The mask is a buffer, so checkpoints restore it exactly.
 
     Args:
-        in_features, out_features, width, depth, activation, bias, widths, seed: as in :class:`NTKFCN`.
+        in_features, out_features, width, depth, activation, bias, widths, init_seed: as in :class:`NTKFCN`.
         drop_prob: probability of dropping each edge, in [0, 1) (the DAG paper uses 1/2).
         mask_seed: seed of the mask's random stream.
         edges: optional edge list; then ``width``/``depth``/``widths``/``drop_prob`` are unused.
@@ -271,7 +272,7 @@ class MaskedDAGNet(LinearityModule):
         activation: str = "tanh",
         bias: bool = False,
         widths: list[int] | None = None,
-        seed: int | None = None,
+        init_seed: int | None = None,
         drop_prob: float = 0.5,
         mask_seed: int | None = None,
         edges: list[list[Hashable]] | None = None,
@@ -294,11 +295,11 @@ class MaskedDAGNet(LinearityModule):
                 mask_seed=mask_seed,
                 activation=activation,
                 bias=bias,
-                seed=seed,
+                seed=init_seed,
             )
         else:
             self.net = LayeredNTKNet.from_edges(
-                [tuple(e) for e in edges], inputs, outputs, activation=activation, bias=bias, seed=seed
+                [tuple(e) for e in edges], inputs, outputs, activation=activation, bias=bias, seed=init_seed
             )
             for name, given, actual in (
                 ("in_features", in_features, self.net.in_features),

@@ -91,7 +91,7 @@ def make_monitor(*args, **kwargs) -> LinearityMonitor:
 
 
 def fcn(**kwargs):
-    return NTKFCN(IN, OUT, width=16, depth=2, seed=0, lr=0.05, **kwargs)
+    return NTKFCN(IN, OUT, width=16, depth=2, init_seed=0, lr=0.05, **kwargs)
 
 
 def dataset(n: int = N) -> TensorDataset:
@@ -123,7 +123,7 @@ def finite(rounds):
 # ------------------------------------------------------------------------------------------ logging
 @pytest.mark.parametrize("family", [NTKFCN, NTKDenseNet, MaskedDAGNet])
 def test_every_module_logs_every_key_at_the_scheduled_steps(family, tmp_path):
-    model = family(IN, OUT, width=16, depth=2, seed=0, lr=0.05)
+    model = family(IN, OUT, width=16, depth=2, init_seed=0, lr=0.05)
     monitor = make_monitor(ALL_METRICS, every_n_steps=2, probe_size=8)
     t = trainer(tmp_path, [monitor], max_steps=5, num_sanity_val_steps=1, limit_val_batches=1)
     t.fit(model, loader(), loader())  # with a sanity check, which must not trigger a round

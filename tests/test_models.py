@@ -31,7 +31,7 @@ def trainer(tmp_path, **kwargs):
 def test_fit_on_digits_decreases_the_loss_and_checkpoint_reloads(family, tmp_path):
     data = DigitsDataModule(num_samples=128, full_batch=True, seed=0)
     data.setup("fit")
-    model = family(data.in_features, data.out_features, width=128, depth=2, lr=0.005, seed=0)
+    model = family(data.in_features, data.out_features, width=128, depth=2, lr=0.005, init_seed=0)
     before = full_batch_loss(model, data)
     t = trainer(tmp_path, max_steps=20, enable_checkpointing=True, limit_val_batches=0)
     t.fit(model, datamodule=data)
@@ -129,3 +129,23 @@ def test_in_features_that_do_not_match_the_data(tmp_path):
     model = NTKFCN(10, 10, width=8, depth=1)
     with pytest.raises(ValueError, match=r"in_features=10"):
         trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(model, datamodule=data)
+
+
+def test_model_and_data_hyperparameters_log_together(tmp_path):
+    """The model's init_seed and the data's seed are distinct names, so a logger can record both."""
+    from pytorch_lightning.loggers import CSVLogger
+
+    data = DigitsDataModule(num_samples=32, full_batch=True, seed=3)
+    model = NTKFCN(data.in_features, data.out_features, width=16, depth=1)
+    t = pl.Trainer(
+        default_root_dir=tmp_path,
+        logger=CSVLogger(tmp_path),
+        max_steps=1,
+        limit_val_batches=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    t.fit(model, datamodule=data)
+    hparams = (tmp_path / "lightning_logs" / "version_0" / "hparams.yaml").read_text()
+    assert "init_seed: null" in hparams and "seed: 3" in hparams

@@ -141,7 +141,7 @@ def test_foreign_sequential_through_generic_and_auto():
 
 
 def test_lightning_module_uses_its_network():
-    module = NTKFCN(4, out_features=2, width=6, depth=2, seed=1).double()
+    module = NTKFCN(4, out_features=2, width=6, depth=2, init_seed=1).double()
     x = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     assert_relative(empirical_ntk(module, x, method="structured"), jacobian_kernel(module, x), 1e-10)
 

@@ -120,7 +120,7 @@ def build_data(config: SweepConfig) -> pl.LightningDataModule:
 def build_model(config: SweepConfig, width: int, seed: int, in_features: int) -> LinearityModule:
     """The model of one run: ``model_args`` at ``width``, weights (and a masked DAG's mask) from ``seed``."""
     kwargs = config.model_kwargs(width)
-    kwargs.update(in_features=in_features, seed=seed, loss="mse", optimizer="sgd", momentum=0.0)
+    kwargs.update(in_features=in_features, init_seed=seed, loss="mse", optimizer="sgd", momentum=0.0)
     if config.model == "MaskedDAGNet":
         kwargs["mask_seed"] = seed
     return MODEL_CLASSES[config.model](**kwargs)

@@ -44,6 +44,7 @@ from pytorch_lightning.loggers import Logger
 import lightning_linearity.callbacks
 import lightning_linearity.data
 import lightning_linearity.models  # noqa: F401
+from lightning_linearity.callbacks import LinearityMonitor
 from lightning_linearity.plots import report_dir
 
 PROG = "lightning-linearity"
@@ -128,12 +129,30 @@ class LinearityCLI(LightningCLI):
                     f"pip install lightning-linearity[{extra}]"
                 )
 
+    def after_fit(self) -> None:
+        """Say where the run's files are and print the last round of ``linearity/*`` values as a table."""
+        if not self.trainer.is_global_zero:
+            return
+        directory = report_dir(self.trainer)
+        files = sorted(p.name for p in directory.glob("*") if p.suffix in (".csv", ".png", ".yaml"))
+        print(f"\nRun directory: {directory}\n  files: {', '.join(files) or '(none)'}")
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, LinearityMonitor) and callback.history:
+                print(final_values_table(callback.history[-1]))
+
     def instantiate_classes(self) -> None:
         """Instantiate as usual; a constructor's rejection of its arguments becomes a :class:`UserError`."""
         try:
             super().instantiate_classes()
         except (ValueError, TypeError, FileNotFoundError, MisconfigurationException) as err:
             raise UserError(summarize_error(str(err))) from err
+
+
+def final_values_table(row: dict[str, float]) -> str:
+    """A markdown table of one metric round, e.g. ``| linearity/lambda_min | 0.0354 |``."""
+    lines = [f"\nLinearity metrics at step {int(row['step'])}:", "| metric | value |", "|---|---|"]
+    lines += [f"| {key} | {value:.6g} |" for key, value in row.items() if key != "step"]
+    return "\n".join(lines)
 
 
 def _importable(module: str) -> bool:

@@ -56,10 +56,17 @@ def test_every_config_trains_a_few_steps_with_the_monitor(config, tmp_path):
     assert (run / "config.yaml").is_file() and (run / "linearity_curves.png").is_file()
 
 
-def test_quick_start_config_logs_every_metric_family_and_the_plots(tmp_path):
+def test_quick_start_config_logs_every_metric_family_and_the_plots(tmp_path, capsys):
     # one epoch of 3 batches, validated, so that ModelCheckpoint saves at its end
     epoch = ["--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1"]
     run = fit(Path(FCN), tmp_path, *epoch, "--data.init_args.num_samples", "192", steps=-1)
+
+    # the run ends by saying where its files are and printing the last round as a table
+    out = capsys.readouterr().out
+    assert f"Run directory: {run}" in out and "metrics.csv" in out and "ntk_spectrum.png" in out
+    with open(run / "metrics.csv", newline="") as f:
+        rows = [row for row in csv.DictReader(f) if row["linearity/lambda_min"]]
+    assert f"| linearity/lambda_min | {float(rows[-1]['linearity/lambda_min']):.6g} |" in out
 
     assert {
         "linearity/lambda_min",

@@ -6,7 +6,7 @@ source "$root/scripts/env.sh"
 cd "$root"
 export WANDB_MODE=offline WANDB_SILENT=true
 set +e
-python -m pytest "$@"
+python -m pytest --durations=15 "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

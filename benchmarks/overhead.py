@@ -2,7 +2,7 @@
 
     python benchmarks/overhead.py                      # both parts with every metric (defaults)
     python benchmarks/overhead.py --part overhead --metrics ntk kernel_change grad_cosines linearization
-    python benchmarks/overhead.py --part ddp --round-steps 1
+    python benchmarks/overhead.py --part ddp --option hessian_norm.num_points=2
 
 Part 1 (overhead): the digits FCN example (NTKFCN, width 1024, depth 3, tanh, 10 outputs, square loss,
 SGD, batch 64) trained for ``--steps`` optimiser steps without the callback and with LinearityMonitor
@@ -23,6 +23,7 @@ process doing all of it (0.5 with two free cores, 1.0 with one core's worth).
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import statistics
 import subprocess
@@ -78,10 +79,18 @@ class TimedMonitor(LinearityMonitor):
         return ", ".join(f"{name} {statistics.median(s):.2f} s" for name, s in self.stage_seconds.items())
 
 
+def metric_options(args) -> dict[str, dict]:
+    """``--metrics`` with the ``--option metric.name=value`` settings (values as Python literals)."""
+    metrics: dict[str, dict] = {name: {} for name in args.metrics}
+    for option in args.option:
+        key, value = option.split("=", 1)
+        name, field = key.split(".", 1)
+        metrics[name][field] = ast.literal_eval(value)
+    return metrics
+
+
 def monitor(args, every: int | None) -> TimedMonitor:
-    metrics = {name: {} for name in args.metrics}
-    if "hessian_norm" in metrics and args.hessian_points is not None:
-        metrics["hessian_norm"] = {"num_points": args.hessian_points}
+    metrics = metric_options(args)
     return TimedMonitor(metrics=metrics, every_n_steps=every, probe_size=args.probe_size, plots=False)
 
 
@@ -90,7 +99,7 @@ def digits(args) -> DigitsDataModule:
 
 
 def network(data: DigitsDataModule, args) -> NTKFCN:
-    return NTKFCN(data.in_features, data.out_features, width=WIDTH, depth=DEPTH, seed=0, lr=args.lr)
+    return NTKFCN(data.in_features, data.out_features, width=WIDTH, depth=DEPTH, init_seed=0, lr=args.lr)
 
 
 def trainer(args, callbacks, root: Path, **kwargs) -> pl.Trainer:
@@ -184,8 +193,7 @@ def ddp_split(args) -> None:
         command += ["--steps", str(args.round_steps), "--threads", str(args.threads)]
         command += ["--probe-size", str(args.probe_size), "--batch-size", str(args.batch_size)]
         command += ["--lr", str(args.lr), "--metrics", *args.metrics]
-        if args.hessian_points is not None:
-            command += ["--hessian-points", str(args.hessian_points)]
+        command += [f"--option={option}" for option in args.option]
         out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         runs.append(json.loads(next(line for line in out.splitlines() if line.startswith("ROUNDS "))[7:]))
         print(f"  {devices} rank(s): {runs[-1]}", file=sys.stderr, flush=True)
@@ -205,7 +213,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("--part", choices=("overhead", "ddp", "both"), default="both")
     parser.add_argument("--metrics", nargs="+", choices=METRICS, default=list(METRICS))
-    parser.add_argument("--hessian-points", type=int, default=None, help="hessian_norm's num_points")
+    parser.add_argument("--option", action="append", default=[], help="metric.name=value (repeatable)")
     parser.add_argument("--probe-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=200, help="optimiser steps of the part 1 runs")
     parser.add_argument("--every", type=int, default=50, help="every_n_steps of the monitor in part 1")
@@ -231,7 +239,7 @@ def main() -> None:
             f"torch {torch.__version__}, {args.threads} thread(s), NTKFCN width {WIDTH} depth {DEPTH}, digits"
         )
         print(
-            f"metrics {args.metrics}, probe {args.probe_size}, hessian_norm num_points {args.hessian_points}"
+            f"probe {args.probe_size}, metrics (callback defaults unless given here) {metric_options(args)}"
         )
         if args.part in ("overhead", "both"):
             overhead(args)

@@ -30,11 +30,11 @@ MAX_STEPS = 4
 EVERY_N_STEPS = 2
 #: Cross-entropy is a mean over the batch: with each of 2 ranks holding half of the full batch, the
 #: all-reduced DDP gradient equals the single-process full-batch gradient, so both runs take the same steps.
-MODEL = dict(in_features=6, out_features=3, width=24, depth=2, seed=0, loss="cross_entropy", lr=0.5)
+MODEL = dict(in_features=6, out_features=3, width=24, depth=2, init_seed=0, loss="cross_entropy", lr=0.5)
 METRICS = {
     "ntk": {},
     "kernel_change": {},
-    "hessian_norm": {"tol": 1e-6, "num_points": 6, "layers": [2], "num_neurons": 4},
+    "hessian_norm": {"num_points": 6, "layers": [2], "num_neurons": 4},
     "grad_cosines": {"num_neurons": 16},
     "linearization": {},
 }

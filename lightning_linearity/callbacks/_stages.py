@@ -151,15 +151,14 @@ class KernelChangeOptions:
 class HessianOptions:
     """Options of ``hessian_norm`` (MATH.md 2.4).
 
-    Lanczos with full reorthogonalisation keeps its Krylov basis: a batched run holds about
-    ``chunk_size * q * max_iter * P`` numbers (q outputs or sampled neurons, P parameters), which is why the
-    defaults measure a few probe points, one at a time.
+    Each probe point gets its own Lanczos run over its q outputs (or sampled neurons), which keeps a Krylov
+    basis of about ``q * max_iter * P`` numbers for P parameters; it is the costliest metric, hence the
+    default of one probe point.
 
     Attributes:
         num_points: Hessians at the first ``num_points`` probe points (``None``: all of them).
         tol: relative residual tolerance of Lanczos.
         max_iter: Lanczos steps (Hessian-vector products) per norm, at most.
-        chunk_size: probe points per batched Lanczos run (``None``: all of a rank's share at once).
         layers: hidden layers whose pre-activation Hessians ||d^2 z_l[r] / dw^2|| are also logged
             (004 Theorem 3.8); none by default.
         num_neurons: neurons sampled per layer in ``layers`` (``None``: all).
@@ -168,13 +167,11 @@ class HessianOptions:
     num_points: int | None = 1
     tol: float = 1e-3
     max_iter: int = 50
-    chunk_size: int | None = 1
     layers: tuple[Layer, ...] = ()
     num_neurons: int | None = 8
 
     def __post_init__(self) -> None:
         _check_positive_int("num_points", self.num_points)
-        _check_positive_int("chunk_size", self.chunk_size)
         _check_positive_int("num_neurons", self.num_neurons)
         _check_positive_int("max_iter", self.max_iter, allow_none=False)
         if isinstance(self.tol, bool) or not isinstance(self.tol, int | float) or not 0 < self.tol < math.inf:
@@ -194,12 +191,11 @@ class CosineOptions:
         method: ``"auto"``, ``"structured"`` or ``"generic"``.
         chunk_size: probe points processed at once (``None``: sized automatically).
 
-    The cost grows like ``num_points * num_neurons`` times the squared width; the defaults (8 points x
-    32 neurons: 3968 pairs per layer) keep a round cheap next to training.
+    The cost grows like ``num_points * num_neurons`` times the squared width.
     """
 
     layers: tuple[Layer, ...] | None = None
-    num_points: int | None = 8
+    num_points: int | None = None
     num_neurons: int | None = 32
     method: Literal["auto", "structured", "generic"] = "auto"
     chunk_size: int | None = None
@@ -405,7 +401,12 @@ class Kernel(Stage):
 class Hessian(Stage):
     """Spectral norms ||d^2 f_a(w; x_i) / dw^2|| per probe point and output (MATH.md 2.4), max and mean;
     optionally the same for sampled hidden pre-activations of chosen layers. Rank r takes its share of
-    the probe points."""
+    the probe points.
+
+    Every point is one call with a generator seeded alike (the same Lanczos start, the same sampled
+    neurons), so a point's norms do not depend on which rank computes it, nor with which other points:
+    DDP logs exactly what a single process logs.
+    """
 
     options: HessianOptions
     metrics: tuple[str, ...] = ("hessian_norm",)
@@ -421,16 +422,22 @@ class Hessian(Stage):
         return self.options.num_points
 
     def _norms(self, ctx: RoundContext, x: Tensor, layer: Layer | None) -> Tensor:
+        """(n, q) norms of the points ``x``, one point per call."""
         opts = self.options
-        return hessian_spectral_norm(
-            ctx.model,
-            x,
-            layer=layer,
-            num_neurons=None if layer is None else opts.num_neurons,
-            generator=ctx.generator(),
-            tol=opts.tol,
-            max_iter=opts.max_iter,
-            chunk_size=opts.chunk_size,
+        num_neurons = None if layer is None else opts.num_neurons
+        return torch.cat(
+            [
+                hessian_spectral_norm(
+                    ctx.model,
+                    x[i : i + 1],
+                    layer=layer,
+                    num_neurons=num_neurons,
+                    generator=ctx.generator(),
+                    tol=opts.tol,
+                    max_iter=opts.max_iter,
+                )
+                for i in range(x.shape[0])
+            ]
         )
 
     def rows(self, ctx: RoundContext, share: slice) -> dict[str, Tensor]:

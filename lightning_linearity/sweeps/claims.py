@@ -118,7 +118,7 @@ def check_claim(claim: Claim, rows: Sequence[Mapping[str, Any]], fit: Fit) -> Cl
         checks.append(ok)
         extreme = (min if name == "min" else max)(selected, default=math.nan)
         sign = ">=" if name == "min" else "<="
-        measured.append(f"{name} over runs{scope} {extreme:.4g}, expected {sign} {bound:g}")
+        measured.append(f"{name} over runs{scope} {extreme:.6g}, expected {sign} {bound:g}")
     missing = len(rows) - len(values)
     if missing:
         measured.append(f"{missing} run(s) without a finite value")

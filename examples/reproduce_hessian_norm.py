@@ -1,6 +1,6 @@
 """004 Theorem 3.6: the Hessian spectral norm of the network output scales like 1/sqrt(width).
 
-Three networks (FCN, DenseNet, 004's masked DAG), each at widths 16 ... 512 with 2 seeds, trained with
+Three networks (FCN, DenseNet, 004's masked DAG), each at widths 32 ... 1024 with 3 seeds, trained with
 full-batch gradient descent on 10 points; the norm max_i ||d^2 f(w; x_i) / dw^2||_2 is measured at init
 and after training. Prints, per network, the fitted exponents next to the paper's -1/2 (acceptance: in
 [-0.7, -0.3]).

@@ -146,7 +146,13 @@ def run_sweep(config: SweepConfig) -> SweepResult:
         raise SweepError(str(err)) from None
     specs = config.runs()
     executed = run_pending(
-        specs, store, execute_run, jobs=config.jobs, progress=config.progress, name=config.name
+        specs,
+        store,
+        execute_run,
+        jobs=config.jobs,
+        threads=config.threads,
+        progress=config.progress,
+        name=config.name,
     )
     rows = store.rows(spec.run_id for spec in specs)
     fits = {column: fit_column(rows, column, config) for column in columns}
@@ -246,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--out", help="output folder")
     add("--jobs", type=int, help="runs in parallel processes")
+    add("--threads", type=int, help="torch threads per run (default: the cores divided among the jobs)")
     add(
         "--fit-against",
         choices=list(FIT_AGAINST),

@@ -25,6 +25,7 @@ TINY = {
     "metrics": ["lambda_min:init", "kernel_change:max"],
     "max_steps": 5,
     "every_n_steps": 2,
+    "threads": 1,
     "progress": False,
 }
 
@@ -58,6 +59,7 @@ def tiny(tmp_path, **overrides) -> SweepConfig:
         ({"lr_scale": -1.0}, "lr_scale must be a positive number"),
         ({"max_steps": 0}, "max_steps must be a positive integer"),
         ({"jobs": 0}, "jobs must be a positive integer"),
+        ({"threads": 0}, "threads must be a positive integer"),
         ({"reference_slope": "half"}, "reference_slope must be a number"),
         ({"fit_against": "depth"}, "fit_against must be one of"),
         ({"curves": ["grad_cosine"]}, "cannot plot 'grad_cosine' against the step"),

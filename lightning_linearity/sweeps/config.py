@@ -37,7 +37,7 @@ WIDTH_PLACEHOLDER = "m"
 RESERVED_MODEL_ARGS = (
     "in_features",
     "width",
-    "seed",
+    "init_seed",
     "mask_seed",
     "lr",
     "loss",
@@ -83,7 +83,7 @@ class SweepConfig:
         model: ``"NTKFCN"``, ``"NTKDenseNet"`` or ``"MaskedDAGNet"``.
         model_args: further constructor arguments (``depth``, ``activation``, ``out_features``,
             ``drop_prob``, ...). ``widths: [1000, m, 1000]`` sweeps a bottleneck: every entry ``m`` is
-            replaced by the swept width. ``in_features`` comes from the data; ``width``, ``seed``,
+            replaced by the swept width. ``in_features`` comes from the data; ``width``, ``init_seed``,
             ``mask_seed`` and ``lr`` are set per run; ``loss``, ``optimizer``, ``momentum`` and
             ``weight_decay`` are fixed to plain gradient descent on the square loss.
         seeds: one run per seed and width; the seed draws the weights (and the mask of a masked DAG).
@@ -102,6 +102,8 @@ class SweepConfig:
             e.g. ``{"hessian_norm": {"max_iter": 200}, "grad_cosines": {"num_neurons": 128}}``.
         out: output folder (CSV, markdown table, PNG plots, histories).
         jobs: runs in parallel processes.
+        threads: torch intra-op threads per run (``None``: the cores divided among the jobs; with one job,
+            torch's default). Not part of a run's identity.
         fit_against: the width the slopes are fitted against: ``"width"``, the swept m, or
             ``"min_in_degree"``, 004 Def. 2.7's width (the minimum in-degree over the neurons of layers
             2..L+1, recorded per run), which Theorem 3.6 is stated in. They agree for an FCN; a DenseNet's
@@ -131,6 +133,7 @@ class SweepConfig:
     monitor_args: Mapping[str, Any] = field(default_factory=dict)
     out: str = "sweep"
     jobs: int = 1
+    threads: int | None = None
     fit_against: str = "width"
     ci: str = "t"
     confidence: float = 0.95
@@ -201,6 +204,8 @@ class SweepConfig:
                 raise SweepError(f"{name} must be a positive number, got {value!r}")
         if not _is_int(self.jobs) or self.jobs < 1:
             raise SweepError(f"jobs must be a positive integer, got {self.jobs!r}")
+        if self.threads is not None and (not _is_int(self.threads) or self.threads < 1):
+            raise SweepError(f"threads must be a positive integer or null, got {self.threads!r}")
         if self.reference_slope is not None and (
             not isinstance(self.reference_slope, int | float) or not math.isfinite(self.reference_slope)
         ):

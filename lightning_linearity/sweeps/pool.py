@@ -1,7 +1,10 @@
 """Running the unfinished runs of a sweep, one after another or in parallel processes, with progress.
 
 With ``jobs > 1`` the runs go to a ``ProcessPoolExecutor`` with the ``spawn`` start method (safe with
-torch's threads, and the same on every platform); each worker uses ``cpu_count // jobs`` torch threads.
+torch's threads, and the same on every platform); each worker uses ``threads`` torch threads (default
+``cpu_count // jobs``). Sequential runs use ``threads`` torch threads if given (torch's setting is restored
+afterwards), else torch's default. The small networks of a sweep gain little from intra-op threads, and on a
+busy machine extra threads cost more than they give, so ``threads=1`` is often the fastest choice.
 The widest runs are started first, so the slowest ones do not trail at the end. Results come back to the
 main process, the only writer of the :class:`~lightning_linearity.sweeps.store.RunStore`, as each run
 finishes. Progress: a ``tqdm`` bar over the runs when tqdm is installed, else one line per run; both on
@@ -63,6 +66,7 @@ def run_pending(
     execute: Executor,
     *,
     jobs: int = 1,
+    threads: int | None = None,
     progress: bool = True,
     name: str = "sweep",
 ) -> int:
@@ -76,21 +80,26 @@ def run_pending(
     bar = _Progress(len(specs), len(specs) - len(pending), name, progress)
     try:
         if jobs == 1 or len(pending) <= 1:
-            for spec in pending:
-                record, history = execute(spec)
-                store.add(record, history)
-                bar.update(record)
+            before = torch.get_num_threads()
+            torch.set_num_threads(threads or before)
+            try:
+                for spec in pending:
+                    record, history = execute(spec)
+                    store.add(record, history)
+                    bar.update(record)
+            finally:
+                torch.set_num_threads(before)
         else:
-            _run_parallel(sorted(pending, key=lambda s: -s.width), store, execute, jobs, bar)
+            threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+            _run_parallel(sorted(pending, key=lambda s: -s.width), store, execute, jobs, threads, bar)
     finally:
         bar.close()
     return len(pending)
 
 
 def _run_parallel(
-    pending: list[RunSpec], store: RunStore, execute: Executor, jobs: int, bar: _Progress
+    pending: list[RunSpec], store: RunStore, execute: Executor, jobs: int, threads: int, bar: _Progress
 ) -> None:
-    threads = max(1, (os.cpu_count() or 1) // jobs)
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
         futures: set[Future] = {pool.submit(execute, spec) for spec in pending}

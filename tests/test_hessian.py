@@ -101,21 +101,65 @@ def probes(n: int, d: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
+METHODS = ["structured", "generic"]
+
+
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("family", ["fcn", "densenet", "masked_dag", "from_edges"])
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("bias", [False, True])
-def test_matches_dense_hessian(family, k, bias):
+def test_matches_dense_hessian(family, k, bias, method):
     net = make_net(family, k, bias)
     x = probes(2, net.in_features)
-    values = hessian_spectral_norm(net, x)
+    values, info = hessian_spectral_norm(net, x, method=method, return_info=True)
     assert values.shape == (2, net.out_features) and values.dtype == torch.float64
+    assert info.method == method and info.converged.all()
     torch.testing.assert_close(values, dense_hessian_norms(net, x), rtol=1e-6, atol=0)
 
 
-def test_matches_dense_hessian_with_2000_parameters():
+@pytest.mark.parametrize("method", METHODS)
+def test_matches_dense_hessian_with_2000_parameters(method):
     net = LayeredNTKNet.fcn(8, [30, 30, 20], 3, seed=4).double()  # P = 1800
     x = probes(1, 8)
-    torch.testing.assert_close(hessian_spectral_norm(net, x), dense_hessian_norms(net, x), rtol=1e-6, atol=0)
+    values = hessian_spectral_norm(net, x, method=method)
+    torch.testing.assert_close(values, dense_hessian_norms(net, x), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("activation", ["erf", "softplus", "gelu", "sigmoid", "relu", "identity"])
+def test_structured_path_every_activation(activation):
+    # sigma'' enters the structured products in closed form: each activation against the dense Hessian
+    net = LayeredNTKNet.densenet(3, [7, 6], 2, activation=activation, bias=True, seed=2).double()
+    x = probes(2, 3)
+    values = hessian_spectral_norm(net, x, method="structured")
+    torch.testing.assert_close(values, dense_hessian_norms(net, x), rtol=1e-6, atol=1e-12)
+
+
+def test_structured_equals_generic_on_a_wide_float32_net():
+    # the paths start Lanczos from different vectors; both stop within tol of the same extreme eigenvalue
+    net = LayeredNTKNet.masked_dag(16, [256, 256], 4, drop_prob=0.3, mask_seed=0, bias=True, seed=0)
+    x = torch.randn(2, 16, generator=torch.Generator().manual_seed(0))
+    structured, info = hessian_spectral_norm(net, x, tol=1e-5, method="structured", return_info=True)
+    generic = hessian_spectral_norm(net, x, tol=1e-5, method="generic")
+    assert info.method == "structured" and structured.dtype == torch.float32
+    torch.testing.assert_close(structured, generic, rtol=1e-4, atol=0)
+    hidden = {
+        method: hessian_spectral_norm(net, x, layer=2, num_neurons=5, tol=1e-5, method=method)
+        for method in METHODS
+    }
+    torch.testing.assert_close(hidden["structured"], hidden["generic"], rtol=1e-4, atol=0)
+
+
+def test_auto_method_takes_the_generic_path_when_parameters_are_frozen():
+    net = make_net("fcn", 2, bias=True)
+    net.layers[1].bias.requires_grad_(False)  # w excludes this bias: the structured subspace does not apply
+    x = probes(2, 4)
+    values, info = hessian_spectral_norm(net, x, return_info=True)
+    assert info.method == "generic"
+    torch.testing.assert_close(values, dense_hessian_norms(net, x), rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match=r"layers\.1 has frozen parameters.*method='generic'"):
+        hessian_spectral_norm(net, x, method="structured")
+    # a hidden layer below the frozen one still qualifies
+    assert hessian_spectral_norm(net, x, layer=1, return_info=True)[1].method == "structured"
 
 
 def test_foreign_sequential_model():
@@ -133,12 +177,19 @@ def test_foreign_sequential_model():
     torch.testing.assert_close(values, dense_hessian_norms(model[:3], x), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("family", ["fcn", "masked_dag"])
-def test_hidden_layer_matches_dense(family):
+def test_hidden_layer_matches_dense(family, method):
     net = make_net(family, 1, bias=True)
     x = probes(2, net.in_features)
     values, info = hessian_spectral_norm(
-        net, x, layer="layer_3", num_neurons=4, generator=torch.Generator().manual_seed(5), return_info=True
+        net,
+        x,
+        layer="layer_3",
+        num_neurons=4,
+        generator=torch.Generator().manual_seed(5),
+        method=method,
+        return_info=True,
     )
     assert values.shape == (2, 4) and info.layer == "layer_3"
     assert len(set(info.neurons.tolist())) == 4 and int(info.neurons.max()) < net.hidden_widths[2]
@@ -150,10 +201,13 @@ def test_hidden_layer_matches_dense(family):
     assert hessian_spectral_norm(net, x, layer="layers.2").shape == (2, net.hidden_widths[2])
 
 
-def test_first_layer_preactivations_have_zero_hessian():
+@pytest.mark.parametrize("method", METHODS)
+def test_first_layer_preactivations_have_zero_hessian(method):
     # z_1 = W_1 x / sqrt(d) is linear in w: its Hessian is exactly 0
     net = make_net("fcn", 1, bias=False)
-    values, info = hessian_spectral_norm(net, probes(2, 4), layer=1, num_neurons=3, return_info=True)
+    values, info = hessian_spectral_norm(
+        net, probes(2, 4), layer=1, num_neurons=3, method=method, return_info=True
+    )
     assert torch.equal(values, torch.zeros(2, 3, dtype=torch.float64)) and info.converged.all()
 
 
@@ -258,6 +312,10 @@ def test_bad_inputs():
             hessian_spectral_norm(net, x, layer=1, num_neurons=num_neurons)
     with pytest.raises(ValueError, match="chunk_size"):
         hessian_spectral_norm(net, x, chunk_size=0)
+    with pytest.raises(ValueError, match="method must be"):
+        hessian_spectral_norm(net, x, method="dense")
+    with pytest.raises(ValueError, match="not one of the package's networks"):
+        hessian_spectral_norm(nn.Sequential(nn.Linear(4, 1)).double(), x, method="structured")
     with pytest.raises(ValueError, match="could not be evaluated"):
         hessian_spectral_norm(net, x[:0])
     frozen = make_net("fcn", 1, bias=False).requires_grad_(False)

@@ -23,9 +23,14 @@ def hand_mlp(x, weights, sigma):
 def test_activation_derivatives_match_autograd(activation):
     act = get_activation(activation)
     z = torch.linspace(-3, 3, 61, dtype=torch.float64).requires_grad_()
-    (grad,) = torch.autograd.grad(act(z).sum(), z)
+    (grad,) = torch.autograd.grad(act(z).sum(), z, create_graph=True)
+    if grad.requires_grad:
+        (second,) = torch.autograd.grad(grad.sum(), z, allow_unused=True, materialize_grads=True)
+    else:  # sigma' is constant (identity)
+        second = torch.zeros_like(grad)
     keep = z.detach().abs() > 1e-9  # relu's kink
-    torch.testing.assert_close(act.derivative(z.detach())[keep], grad[keep], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(act.derivative(z.detach())[keep], grad.detach()[keep], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(act.second_derivative(z.detach())[keep], second[keep], rtol=1e-12, atol=1e-12)
 
 
 def test_fcn_equals_hand_written_ntk_mlp():

@@ -168,3 +168,25 @@ def layer_output_model(model: nn.Module, layer: int | str) -> Callable[[Params, 
         return as_2d_output(captured[0], x.shape[0])
 
     return g
+
+
+def check_chunk_size(chunk_size: int | None) -> None:
+    """Raise ``ValueError`` unless ``chunk_size`` is ``None`` or a positive integer."""
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be None or a positive integer, got {chunk_size!r}")
+
+
+def check_probes(x: Tensor, x2: Tensor | None = None) -> None:
+    """``x`` (and ``x2``) must hold at least one probe point; ``x2`` must be shaped like ``x`` past dim 0."""
+    for name, probes in (("x", x), ("x2", x2)):
+        if probes is None:
+            continue
+        if not isinstance(probes, Tensor) or probes.dim() < 1 or probes.shape[0] < 1:
+            shape = tuple(probes.shape) if isinstance(probes, Tensor) else type(probes).__name__
+            raise ValueError(f"{name} must be a tensor of shape (n, ...) with n >= 1 probes, got {shape}")
+    if x2 is not None and x2.shape[1:] != x.shape[1:]:
+        raise ValueError(
+            f"x2 has shape {tuple(x2.shape)} but x has {tuple(x.shape)}: both need the same trailing shape"
+        )

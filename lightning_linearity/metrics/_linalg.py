@@ -86,22 +86,42 @@ def random_unit_vectors(
     return v / torch.linalg.vector_norm(v, dim=-1, keepdim=True)
 
 
-def _reorthogonalize(w: Tensor, basis: Tensor) -> Tensor:
-    """Make each ``w[b]`` orthogonal to the rows of ``basis[b]`` in place; return the new norms ||w[b]||.
+def _norm(w: Tensor, dual: Tensor) -> Tensor:
+    """sqrt(<w, w>) = sqrt(w . G w) with ``dual`` = G w (``dual is w`` for the Euclidean product)."""
+    if dual is w:
+        return torch.linalg.vector_norm(w, dim=-1)
+    return (w * dual).sum(dim=-1).clamp_min(0.0).sqrt()
 
-    Classical Gram–Schmidt against the whole basis, repeated once more only if the first pass removed
-    more than half of the squared norm (the DGKS criterion; "twice is enough", Parlett). After the
-    three-term recurrence the first pass removes only rounding errors, so the repeat is rare.
+
+def _reorthogonalize(w: Tensor, dual: Tensor, basis: Tensor, dual_basis: Tensor) -> Tensor:
+    """Make each ``w[b]`` orthogonal to the rows of ``basis[b]`` in place; return the new norms.
+
+    Orthogonal in the inner product <a, b> = a . G b, given by the duals ``dual`` = G w and
+    ``dual_basis`` = G Q (the same tensors as ``w`` and ``basis`` for the Euclidean product, G = I); the
+    dual is updated along with w, so G is never applied here. Classical Gram–Schmidt against the whole
+    basis, repeated once more only if the first pass removed more than half of the squared norm (the DGKS
+    criterion; "twice is enough", Parlett). After the three-term recurrence the first pass removes only
+    rounding errors, so the repeat is rare.
     """
-    norm = torch.linalg.vector_norm(w, dim=-1)
+    norm = _norm(w, dual)
     for _ in range(2):
         # row-vector products (1 x P)(P x j) read the basis contiguously: several times faster than Q @ w
         row = w.unsqueeze(1)
-        row.baddbmm_(torch.bmm(row, basis.transpose(1, 2)), basis, alpha=-1)
-        previous, norm = norm, torch.linalg.vector_norm(w, dim=-1)
+        coefficients = torch.bmm(row, dual_basis.transpose(1, 2))  # <Q_i, w>
+        row.baddbmm_(coefficients, basis, alpha=-1)
+        if dual is not w:
+            dual.unsqueeze(1).baddbmm_(coefficients, dual_basis, alpha=-1)
+        previous, norm = norm, _norm(w, dual)
         if not (norm < previous / 2**0.5).any():
             break
     return norm
+
+
+def _grow(stack: Tensor, capacity: int) -> Tensor:
+    """``stack`` (b, j, P) copied into a new (b, capacity, P) tensor (rows past j uninitialised)."""
+    grown = stack.new_empty(stack.shape[0], capacity, stack.shape[2])
+    grown[:, : stack.shape[1]] = stack
+    return grown
 
 
 def lanczos(
@@ -114,13 +134,14 @@ def lanczos(
     device: torch.device,
     tol: float = 1e-6,
     max_iter: int = 100,
+    gram: BatchedMatvec | None = None,
 ) -> EigenResult:
     """Largest-magnitude eigenvalue of B symmetric operators by Lanczos with full reorthogonalisation.
 
     For each element, with q_1 a random unit vector, step j computes
 
-        w = A q_j - beta_{j-1} q_{j-1},  alpha_j = q_j^T w,  w <- w - alpha_j q_j,
-        w <- w - Q_j (Q_j^T w)  (full reorthogonalisation),  beta_j = ||w||,  q_{j+1} = w / beta_j
+        w = A q_j - beta_{j-1} q_{j-1},  alpha_j = <q_j, w>,  w <- w - alpha_j q_j,
+        w <- w - Q_j <Q_j, w>  (full reorthogonalisation),  beta_j = ||w||,  q_{j+1} = w / beta_j
 
     so that Q_j^T A Q_j = T_j, the tridiagonal matrix with diagonal alpha and off-diagonal beta. With the
     eigen-pairs (theta_i, s_i) of T_j, the Ritz value of largest magnitude theta = theta_* has the residual
@@ -140,32 +161,46 @@ def lanczos(
         dtype, device: of the Krylov vectors (those ``matvec`` takes and returns).
         tol: relative residual tolerance (> 0).
         max_iter: at most this many matvecs per element (capped at ``dim``).
+        gram: the inner product <a, b> = a . G b as a batched operator ``v -> G v`` (symmetric positive
+            semi-definite), for operators self-adjoint in it; ``None`` is the Euclidean product. The
+            structured Hessian runs in coordinates of a small subspace whose vectors are not orthonormal
+            (:mod:`~lightning_linearity.metrics._structured_hessian`). G is applied once per step; the
+            start vectors are random coordinate vectors normalised in this product.
 
     The small tridiagonal eigenproblems are solved in float64 on the CPU (one host sync per step, which
     the stopping test needs anyway).
     """
     check_solver_options(tol, max_iter)
     steps = min(max_iter, dim)
+    active = torch.arange(batch)
+
+    def dual_of(v: Tensor) -> Tensor:
+        return v if gram is None else gram(v, active.to(device))
+
     q = random_unit_vectors(batch, dim, generator=generator, dtype=dtype, device=device)
+    q_dual = dual_of(q)
+    if gram is not None:
+        start_norm = _norm(q, q_dual)[:, None]
+        q, q_dual = q / start_norm, q_dual / start_norm
     q_previous, beta = torch.zeros_like(q), torch.zeros(batch, dtype=dtype, device=device)  # q_0, beta_0
     basis = torch.empty(batch, min(steps, 16), dim, dtype=dtype, device=device)  # Q, grown on demand
+    dual_basis = basis if gram is None else torch.empty_like(basis)  # G Q
     alphas = torch.zeros(batch, steps, dtype=torch.float64)
     betas = torch.zeros(batch, steps, dtype=torch.float64)
     eigenvalue = torch.zeros(batch, dtype=torch.float64)
     residual = torch.full((batch,), float("inf"), dtype=torch.float64)
     converged = torch.zeros(batch, dtype=torch.bool)
     iterations = torch.zeros(batch, dtype=torch.long)
-    active = torch.arange(batch)
     for j in range(steps):
-        if j == basis.shape[1]:  # double the capacity of Q
-            grown = basis.new_empty(basis.shape[0], min(2 * j, steps), dim)
-            grown[:, :j] = basis
-            basis = grown
-        basis[:, j] = q
+        if j == basis.shape[1]:  # double the capacity of Q (and G Q)
+            basis = _grow(basis, min(2 * j, steps))
+            dual_basis = basis if gram is None else _grow(dual_basis, basis.shape[1])
+        basis[:, j], dual_basis[:, j] = q, q_dual
         w = matvec(q, active.to(device))
-        alpha = (q * w).sum(dim=-1)
+        alpha = (q_dual * w).sum(dim=-1)
         w = w - alpha[:, None] * q - beta[:, None] * q_previous
-        q_previous, beta = q, _reorthogonalize(w, basis[:, : j + 1])
+        w_dual = dual_of(w)
+        q_previous, beta = q, _reorthogonalize(w, w_dual, basis[:, : j + 1], dual_basis[:, : j + 1])
         alphas[active, j] = _check_finite_products(alpha.to("cpu", torch.float64))
         betas[active, j] = _check_finite_products(beta.to("cpu", torch.float64))
         iterations[active] += 1
@@ -186,7 +221,10 @@ def lanczos(
             keep = (~done).to(device)
             active = active[~done]
             basis, w, beta, q_previous = basis[keep], w[keep], beta[keep], q_previous[keep]
+            dual_basis = basis if gram is None else dual_basis[keep]
+            w_dual = w if gram is None else w_dual[keep]
         q = w / beta[:, None]
+        q_dual = q if gram is None else w_dual / beta[:, None]
     return EigenResult(
         eigenvalue.to(device=device, dtype=dtype),
         converged.to(device),

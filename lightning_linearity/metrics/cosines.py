@@ -17,7 +17,7 @@ J_{l,k} = d z_l / d z_k (J_{l,l} = I) the chain rule gives
 i.e. G_l = sum_{k<=l} J_{l,k} diag(g_k) J_{l,k}^T. For an FCN (no mask, deg_k = fan_k, no bias) g_k is the
 constant ||c_k||^2 / fan_k and this is the formula of MATH.md section 3; the mask and the per-neuron
 in-degrees of DenseNets and DAGs only change g_k. The rows of J_{l,k} for the (sampled) neurons come from
-one batched backward recursion (see :func:`~lightning_linearity.metrics.ntk.backpropagate`), so the cost
+one batched backward recursion (see :func:`~lightning_linearity.metrics._layered.backpropagate`), so the cost
 is that of backpropagating ``num_neurons`` vectors through layers l..1, for all probes at once.
 
 Generic path (any ``nn.Module``, the layer named by its submodule whose output is the pre-activation):
@@ -37,29 +37,29 @@ from torch.func import jacrev, vmap
 
 from lightning_linearity.metrics._functional import (
     Params,
+    check_chunk_size,
     check_finite,
+    check_probes,
     evaluate,
     layer_output_model,
     num_parameters,
     trainable_parameters,
 )
-from lightning_linearity.metrics.ntk import (
-    DEFAULT_CHUNK_ELEMENTS,
+from lightning_linearity.metrics._layered import (
+    Method,
     backpropagate,
-    blocked_jacobian_gram,
-    check_chunk_size,
-    check_probes,
-    chunks,
+    check_method,
     structured_net,
     trace_net,
     trainable_flags,
 )
+from lightning_linearity.metrics._linalg import chunk_slices
+from lightning_linearity.metrics.ntk import DEFAULT_CHUNK_ELEMENTS, blocked_jacobian_gram
 from lightning_linearity.nets.layers import NTKLinear
 from lightning_linearity.nets.network import LayeredNTKNet
 
 __all__ = ["neuron_gradient_cosines"]
 
-Method = Literal["auto", "structured", "generic"]
 Reduction = Literal["mean", "none"]
 
 
@@ -102,8 +102,7 @@ def neuron_gradient_cosines(
             ``method="structured"`` on a model it cannot handle.
         FloatingPointError: NaN or inf in the model output or the gradients.
     """
-    if method not in ("auto", "structured", "generic"):
-        raise ValueError(f"method must be 'auto', 'structured' or 'generic', got {method!r}")
+    check_method(method)
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     if num_neurons is not None and (
@@ -157,7 +156,7 @@ def _structured_gram(
     """G_l = sum_{k<=l} J_{l,k} diag(g_k) J_{l,k}^T for the rows ``neurons`` of J, per probe: (n, s, s)."""
     per_probe = len(neurons) * sum(net.hidden_widths[:index])  # the rows of J_{l,k}, k = 1..l
     grams = []
-    for probes in chunks(x.shape[0], chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // per_probe)):
+    for probes in chunk_slices(x.shape[0], chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // per_probe)):
         trace = trace_net(net, x[probes])
         seed = torch.eye(net.hidden_widths[index - 1], dtype=trace.output.dtype, device=trace.output.device)
         jacobians = backpropagate(net, trace, index, seed[neurons])  # J_{l,k}[neurons], k = 1..l
@@ -212,7 +211,7 @@ def _generic_gram(
     block = min(len(neurons), max(1, DEFAULT_CHUNK_ELEMENTS // (2 * size)))  # neurons per Jacobian block
     chunk = chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // (2 * block * size))  # probes at once
     grams = []
-    for probes in chunks(x.shape[0], chunk):
+    for probes in chunk_slices(x.shape[0], chunk):
 
         def rows(part: slice, xs: Tensor = x[probes]) -> Params:  # name -> (b, |part|, numel)
             def sampled(p: Params, xi: Tensor) -> Tensor:

@@ -5,8 +5,18 @@ MATH.md 2.4 (004 Theorem 3.6 and 3.8; 000 Theorem 1 and 4): for probe point x_i 
     ||H_{f_a}(w; x_i)||_2 = max_j |lambda_j( d^2 f_a(w; x_i) / dw^2 )|,
 
 predicted to be O~(1/sqrt(m)) in the width m. The Hessian is never formed: Lanczos (largest magnitude,
-:func:`~lightning_linearity.metrics._linalg.lanczos`) runs on forward-over-reverse Hessian-vector products
-H v = d/de grad_w f_a(w + e v; x_i), vmap-ed over all (probe, output) pairs of a chunk of probes.
+:func:`~lightning_linearity.metrics._linalg.lanczos`) runs on Hessian-vector products, batched over all
+(probe, output) pairs of a chunk of probes, on one of two paths:
+
+* ``"structured"`` (the package's :class:`LayeredNTKNet`): every H v lies in a subspace of about 2 L m
+  dimensions spanned by masked rank-one matrices per layer, and Lanczos runs in its coordinates with
+  closed-form products (:mod:`~lightning_linearity.metrics._structured_hessian`): no vector of P entries
+  is formed, and a step costs about two products with each weight matrix.
+* ``"generic"`` (any ``nn.Module``): forward-over-reverse products H v = d/de grad_w f_a(w + e v; x_i)
+  with ``torch.func``, vmap-ed, on vectors of P entries.
+
+Both compute the same eigenvalue to the tolerance (from different random start vectors); the tests check
+both against dense Hessians.
 """
 
 from __future__ import annotations
@@ -31,13 +41,17 @@ from lightning_linearity.metrics._functional import (
     single_input_model,
     trainable_parameters,
 )
+from lightning_linearity.metrics._layered import Method, check_method, structured_net
 from lightning_linearity.metrics._linalg import (
     BatchedMatvec,
     ConvergenceWarning,
+    EigenResult,
     check_solver_options,
     chunk_slices,
     lanczos,
 )
+from lightning_linearity.metrics._structured_hessian import StructuredHessian, structured_hessian_blocker
+from lightning_linearity.nets.network import LayeredNTKNet
 
 Reduction = Literal["none", "max", "mean"]
 _REDUCTIONS = ("none", "max", "mean")
@@ -59,6 +73,7 @@ class HessianInfo:
         tol: the relative residual tolerance.
         layer: display name of the hidden layer (``None`` for the network output).
         neurons: indices of the sampled neurons of that layer, in column order (``None`` for the output).
+        method: ``"structured"`` or ``"generic"``, the path taken.
     """
 
     num_hvps: int
@@ -67,6 +82,7 @@ class HessianInfo:
     tol: float
     layer: str | None = None
     neurons: Tensor | None = None
+    method: str = "generic"
 
 
 def hessian_spectral_norm(
@@ -80,6 +96,7 @@ def hessian_spectral_norm(
     max_iter: int = 100,
     reduction: Reduction = "none",
     chunk_size: int | None = None,
+    method: Method = "auto",
     return_info: bool = False,
 ) -> Tensor | tuple[Tensor, HessianInfo]:
     """||d^2 f_a(w; x_i) / dw^2||_2 for every probe point x_i and output a (MATH.md 2.4).
@@ -111,8 +128,11 @@ def hessian_spectral_norm(
         reduction: ``"none"`` -> (n, q) with q = k outputs or ``num_neurons``; ``"max"`` / ``"mean"`` over
             all of them -> scalar.
         chunk_size: probe points per batched Lanczos run. Memory grows like
-            ``chunk_size * q * (Krylov size) * P`` numbers for P parameters; ``None`` picks the largest
-            chunk whose Krylov bases fit :data:`DEFAULT_KRYLOV_ELEMENTS` (at least one probe).
+            ``chunk_size * q * (Krylov size) * D`` numbers, D = P parameters on the generic path and
+            2 R coordinates (R about 2 L m) on the structured one; ``None`` picks the largest chunk whose
+            Krylov bases fit :data:`DEFAULT_KRYLOV_ELEMENTS` (at least one probe).
+        method: ``"structured"`` (the package's networks with every weight trainable; ``ValueError``
+            otherwise), ``"generic"`` (any module) or ``"auto"`` (structured when possible).
         return_info: also return a :class:`HessianInfo`.
 
     Returns:
@@ -121,6 +141,7 @@ def hessian_spectral_norm(
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     check_solver_options(tol, max_iter)
+    check_method(method)
     params = trainable_parameters(model)
     n, q = evaluate(model, x).shape
     check_differentiable(model, x)
@@ -130,34 +151,59 @@ def hessian_spectral_norm(
         generator = torch.Generator().manual_seed(0)
 
     layer_name, neurons = None, None
-    if layer is None:
-        f = single_input_model(model)
-    else:
+    if layer is not None:
         _, layer_name = resolve_layer(model, layer)
-        g = layer_output_model(model, layer)
-        with torch.no_grad():
-            layer_width = check_finite(g(params, x), f"the pre-activations of {layer_name}").shape[1]
-        neurons = _sample_neurons(layer_width, num_neurons, generator).to(device)
-        q = len(neurons)
+    net = _structured_path(model, layer, method)
+    if net is not None:
+        top = net.depth + 1 if layer is None else net.resolve_hidden_layer(layer)
+        q = net.out_features if layer is None else net.hidden_widths[top - 1]
+        seed = torch.eye(q, dtype=dtype, device=device)
+        if layer is not None:
+            neurons = _sample_neurons(q, num_neurons, generator).to(device)
+            seed, q = seed[neurons], len(neurons)
 
-        def f(p: Params, xi: Tensor) -> Tensor:
-            return g(p, xi.unsqueeze(0)).squeeze(0)[neurons]
+        def solve(probes: Tensor) -> EigenResult:
+            operator = StructuredHessian(net, probes, top, seed)
+            return _lanczos(operator.matvec, operator.batch, operator.dim, operator.gram)
+
+        dim = 2 * sum(layer.out_features + layer.in_features for layer in net.layers[:top])  # Q and G Q
+    else:
+        if layer is None:
+            f = single_input_model(model)
+        else:
+            g = layer_output_model(model, layer)
+            with torch.no_grad():
+                layer_width = check_finite(g(params, x), f"the pre-activations of {layer_name}").shape[1]
+            neurons = _sample_neurons(layer_width, num_neurons, generator).to(device)
+            q = len(neurons)
+
+            def f(p: Params, xi: Tensor) -> Tensor:
+                return g(p, xi.unsqueeze(0)).squeeze(0)[neurons]
+
+        def solve(probes: Tensor) -> EigenResult:
+            return _lanczos(hessian_operator(f, params, probes, q), probes.shape[0] * q, dim, None)
+
+        dim = num_parameters(params)
+
+    def _lanczos(matvec: BatchedMatvec, batch: int, size: int, gram: BatchedMatvec | None) -> EigenResult:
+        return lanczos(
+            matvec,
+            batch,
+            size,
+            generator=generator,
+            dtype=dtype,
+            device=device,
+            tol=tol,
+            max_iter=max_iter,
+            gram=gram,
+        )
 
     if chunk_size is None:
-        chunk_size = default_chunk_size(q, num_parameters(params), max_iter)
+        chunk_size = default_chunk_size(q, dim, max_iter)
     values, converged, num_hvps = [], [], 0
     for chunk in chunk_slices(n, chunk_size):
         try:
-            result = lanczos(
-                hessian_operator(f, params, x[chunk], q),
-                (chunk.stop - chunk.start) * q,
-                num_parameters(params),
-                generator=generator,
-                dtype=dtype,
-                device=device,
-                tol=tol,
-                max_iter=max_iter,
-            )
+            result = solve(x[chunk])
         except FloatingPointError as err:
             raise FloatingPointError(
                 f"a Hessian-vector product of {type(model).__name__} on probes {chunk.start}.."
@@ -184,7 +230,22 @@ def hessian_spectral_norm(
         values = values.mean()
     if not return_info:
         return values
-    return values, HessianInfo(num_hvps, converged, max_iter, float(tol), layer_name, neurons)
+    path = "generic" if net is None else "structured"
+    return values, HessianInfo(num_hvps, converged, max_iter, float(tol), layer_name, neurons, path)
+
+
+def _structured_path(model: nn.Module, layer: int | str | None, method: Method) -> LayeredNTKNet | None:
+    """The network for the structured products, or ``None`` for the generic path (see ``method``)."""
+    if method == "generic":
+        return None
+    net = structured_net(model, required=method == "structured")
+    if net is None:
+        return None
+    top = net.depth + 1 if layer is None else net.resolve_hidden_layer(layer)
+    reason = structured_hessian_blocker(net, top)
+    if reason is not None and method == "structured":
+        raise ValueError(f"method='structured' cannot handle this model: {reason}. Use method='generic'.")
+    return None if reason is not None else net
 
 
 def default_chunk_size(num_outputs: int, num_params: int, max_iter: int) -> int:

@@ -34,7 +34,7 @@ Two paths compute the same numbers (the tests check both against an explicit Jac
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -43,29 +43,35 @@ from torch.func import jacrev, jvp, vjp, vmap
 
 from lightning_linearity.metrics._functional import (
     Params,
-    as_layered_net,
+    check_chunk_size,
     check_differentiable,
     check_finite,
+    check_probes,
     evaluate,
     functional_model,
     num_parameters,
     single_input_model,
     trainable_parameters,
 )
-from lightning_linearity.nets.dag import dense_source_sizes
+from lightning_linearity.metrics._layered import (
+    Method,
+    backpropagate,
+    check_method,
+    structured_net,
+    trace_net,
+    trainable_flags,
+)
+from lightning_linearity.metrics._linalg import chunk_slices
 from lightning_linearity.nets.layers import NTKLinear
-from lightning_linearity.nets.network import LayeredNTKNet, NetworkTrace
+from lightning_linearity.nets.network import LayeredNTKNet
 
 __all__ = ["DEFAULT_CHUNK_ELEMENTS", "empirical_ntk"]
 
-Method = Literal["auto", "structured", "generic"]
 GenericImpl = Literal["jacobian", "ntk_vp"]
 
 #: Elements in the largest intermediate a chunk may create when ``chunk_size`` is None
 #: (2**27 elements = 512 MiB in float32).
 DEFAULT_CHUNK_ELEMENTS = 2**27
-
-_STRUCTURED_SUBMODULES = (nn.ModuleList, NTKLinear)
 
 
 def empirical_ntk(
@@ -105,8 +111,7 @@ def empirical_ntk(
             cannot handle (the message says why).
         FloatingPointError: NaN or inf in the model output or in K.
     """
-    if method not in ("auto", "structured", "generic"):
-        raise ValueError(f"method must be 'auto', 'structured' or 'generic', got {method!r}")
+    check_method(method)
     if generic_impl not in ("jacobian", "ntk_vp"):
         raise ValueError(f"generic_impl must be 'jacobian' or 'ntk_vp', got {generic_impl!r}")
     check_chunk_size(chunk_size)
@@ -118,123 +123,6 @@ def empirical_ntk(
     else:
         kernel = _generic_ntk(model, params, x, x2, generic_impl, chunk_size)
     return check_finite(kernel, "the empirical NTK")
-
-
-# ----------------------------------------------------------------------------------------- checks
-def check_chunk_size(chunk_size: int | None) -> None:
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
-        raise ValueError(f"chunk_size must be None or a positive integer, got {chunk_size!r}")
-
-
-def check_probes(x: Tensor, x2: Tensor | None = None) -> None:
-    """``x`` (and ``x2``) must hold at least one probe point; ``x2`` must be shaped like ``x`` past dim 0."""
-    for name, probes in (("x", x), ("x2", x2)):
-        if probes is None:
-            continue
-        if not isinstance(probes, Tensor) or probes.dim() < 1 or probes.shape[0] < 1:
-            shape = tuple(probes.shape) if isinstance(probes, Tensor) else type(probes).__name__
-            raise ValueError(f"{name} must be a tensor of shape (n, ...) with n >= 1 probes, got {shape}")
-    if x2 is not None and x2.shape[1:] != x.shape[1:]:
-        raise ValueError(
-            f"x2 has shape {tuple(x2.shape)} but x has {tuple(x.shape)}: both need the same trailing shape"
-        )
-
-
-def structured_net(model: nn.Module, *, required: bool) -> LayeredNTKNet | None:
-    """The :class:`LayeredNTKNet` behind ``model`` if the structured formulas apply to it, else ``None``.
-
-    With ``required=True`` the reason is raised as ``ValueError`` instead of returning ``None``: the model
-    is not one of the package's networks, its class overrides ``forward``/``trace``, or it contains a module
-    other than :class:`NTKLinear` layers (BatchNorm, dropout, a custom layer: the factorisation assumes
-    NTK-linear layers acting on every probe independently).
-    """
-    net = as_layered_net(model)
-    if net is None:
-        reason = (
-            f"{type(model).__name__} is not one of the package's networks (a LayeredNTKNet, or a module "
-            f"exposing one as `layered_net`)"
-        )
-    elif type(net).forward is not LayeredNTKNet.forward or type(net).trace is not LayeredNTKNet.trace:
-        reason = f"{type(net).__name__} overrides forward/trace of LayeredNTKNet"
-    else:
-        foreign = [
-            f"{name} ({type(module).__name__})"
-            for name, module in net.named_modules()
-            if module is not net and type(module) not in _STRUCTURED_SUBMODULES
-        ]
-        reason = (
-            f"the network contains modules other than NTKLinear layers: {', '.join(foreign)}; the per-layer "
-            f"factorisation needs NTK-linear layers acting on each probe independently (no BatchNorm)"
-            if foreign
-            else None
-        )
-    if reason is None:
-        return net
-    if required:
-        raise ValueError(f"method='structured' cannot handle this model: {reason}. Use method='generic'.")
-    return None
-
-
-# ----------------------------------------------------------------------------------------- structured
-def trace_net(net: LayeredNTKNet, x: Tensor) -> NetworkTrace:
-    """``net.trace(x)`` without autograd; a bad input shape or dtype raises ValueError, NaN/inf an error."""
-    try:
-        with torch.no_grad():
-            trace = net.trace(x)
-    except (RuntimeError, ValueError) as err:
-        raise ValueError(
-            f"{type(net).__name__} could not be evaluated on probe inputs of shape {tuple(x.shape)}: {err}"
-        ) from err
-    check_finite(trace.output, "the model output on the probe inputs")
-    return trace
-
-
-def source_columns(net: LayeredNTKNet, layer: int) -> list[tuple[int, slice]]:
-    """What layer ``layer`` (1-based) reads: ``(j, columns of c_l)`` per source h_j, with j = 0 for x."""
-    if net.connectivity == "chain":
-        return [(layer - 1, slice(0, net.layers[layer - 1].in_features))]
-    sizes = dense_source_sizes(net.in_features, net.hidden_widths, layer)  # h_{l-1}, ..., h_1, x
-    columns, start = [], 0
-    for j, size in zip(range(layer - 1, -1, -1), sizes, strict=True):
-        columns.append((j, slice(start, start + size)))
-        start += size
-    return columns
-
-
-def backpropagate(net: LayeredNTKNet, trace: NetworkTrace, top: int, seed: Tensor) -> list[Tensor]:
-    """Deltas of the q functions ``seed @ z_top`` with respect to the pre-activations of layers 1..top.
-
-    ``seed`` has shape (q, m_top); returns D_1..D_top with D_l[i, p, r] = d (seed[p] . z_top(x_i)) / d z_l[r],
-    shape (n, q, m_l), by the chain rule through the effective weights A_l = M_l ⊙ W_l / sqrt(deg_l):
-
-        dF/dh_j = sum_{l reads h_j} D_l A_l[:, cols(j)],        D_j = dF/dh_j ⊙ sigma'(z_j).
-
-    ``top = L+1`` with the identity seed gives d f_a / d z_l for the NTK; ``top = l`` with rows of the
-    identity gives the neuron Jacobians J_{l,k} = d z_l / d z_k of the cosine Gram (MATH.md section 3).
-    """
-    n = trace.inputs[0].shape[0]
-    deltas: dict[int, Tensor] = {top: seed.expand(n, *seed.shape)}
-    grad_post: dict[int, Tensor] = {}
-    with torch.no_grad():
-        for l in range(top, 0, -1):
-            if l < top:
-                z = trace.preactivations[l - 1]
-                deltas[l] = grad_post.pop(l) * net.activation.derivative(z).unsqueeze(1)
-            layer = net.layers[l - 1]
-            scaled = layer.effective_weight() * layer.in_degree.rsqrt().to(seed.dtype).unsqueeze(1)
-            for j, cols in source_columns(net, l):
-                if j == 0:
-                    continue
-                contribution = deltas[l] @ scaled[:, cols]
-                grad_post[j] = grad_post[j] + contribution if j in grad_post else contribution
-    return [deltas[l] for l in range(1, top + 1)]
-
-
-def trainable_flags(layer: NTKLinear) -> tuple[bool, bool]:
-    """Whether the layer's weight and its bias count as parameters w (``requires_grad``)."""
-    return layer.weight.requires_grad, layer.bias is not None and layer.bias.requires_grad
 
 
 def _structured_ntk(net: LayeredNTKNet, x: Tensor, x2: Tensor | None, chunk_size: int | None) -> Tensor:
@@ -306,14 +194,14 @@ def _add_masked_layer_kernel(
     d2 = d2 / layer.in_degree.to(d2.dtype)
     if 8 * m <= n2:
         per_neuron = n1 * max(layer.in_features, n2 * k)
-        for neurons in chunks(m, max(1, DEFAULT_CHUNK_ELEMENTS // per_neuron)):
+        for neurons in chunk_slices(m, max(1, DEFAULT_CHUNK_ELEMENTS // per_neuron)):
             masked_gram = ((c1.unsqueeze(0) * mask[neurons, None, :]) @ c2.T).permute(1, 2, 0)  # (n1, n2, r)
             kernel += _contract_deltas(masked_gram, d1[:, :, neurons], d2[:, :, neurons])
         return
     chunk = chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // (n2 * max(layer.in_features, k * m)))
     if symmetric:
         chunk = min(chunk, -(-n1 // 8))
-    for rows in chunks(n1, chunk):
+    for rows in chunk_slices(n1, chunk):
         cols = slice(rows.start if symmetric else 0, n2)
         block = _contract_deltas((c1[rows, None, :] * c2[None, cols, :]) @ mask.T, d1[rows], d2[cols])
         kernel[rows, :, cols] += block
@@ -329,12 +217,6 @@ def _contract_deltas(masked_gram: Tensor, d1: Tensor, d2: Tensor) -> Tensor:
     return torch.bmm(d1, weighted.transpose(1, 2)).view(b1, k, b2, k)
 
 
-def chunks(n: int, size: int) -> Iterator[slice]:
-    """Consecutive slices of ``range(n)`` of at most ``size`` items."""
-    for start in range(0, n, size):
-        yield slice(start, min(start + size, n))
-
-
 # ----------------------------------------------------------------------------------------- generic
 def _generic_ntk(
     model: nn.Module, params: Params, x: Tensor, x2: Tensor | None, impl: GenericImpl, chunk_size: int | None
@@ -346,7 +228,7 @@ def _generic_ntk(
     if impl == "ntk_vp":
         chunk = chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // per_point)
         other = x if x2 is None else x2
-        rows = [_ntk_vp_rows(model, params, x[r], other) for r in chunks(x.shape[0], chunk)]
+        rows = [_ntk_vp_rows(model, params, x[r], other) for r in chunk_slices(x.shape[0], chunk)]
         kernel = torch.cat(rows).reshape(x.shape[0] * k, n2 * k)
         return 0.5 * (kernel + kernel.T) if x2 is None else kernel
     # two Jacobian blocks are alive at once
@@ -380,10 +262,10 @@ def blocked_jacobian_gram(
     """
     other_rows, n_other = other if other is not None else (rows, n)
     grid: list[list[Tensor]] = []
-    for a, block1 in enumerate(chunks(n, chunk)):
+    for a, block1 in enumerate(chunk_slices(n, chunk)):
         jac1 = rows(block1)
         line = []
-        for b, block2 in enumerate(chunks(n_other, chunk)):
+        for b, block2 in enumerate(chunk_slices(n_other, chunk)):
             if other is None and b < a:
                 line.append(grid[b][a].transpose(-1, -2))
                 continue

@@ -20,11 +20,11 @@ from torch import Tensor, nn
 from lightning_linearity.metrics._functional import (
     check_differentiable,
     check_finite,
+    check_probes,
     evaluate,
     functional_model,
     trainable_parameters,
 )
-from lightning_linearity.metrics.ntk import check_probes
 
 __all__ = ["KernelSpectrum", "kernel_spectrum", "pl_ratio"]
 

@@ -1,0 +1,186 @@
+"""Hessian-vector products of the package's layered networks in closed form, on a small subspace.
+
+For one probe point x and one function F = seed . z_top(w; x) (an output f_a with top = L+1 and seed e_a,
+or a hidden pre-activation z_l[r] with top = l and seed e_r), the gradient with respect to layer l's weights
+is a masked rank-one matrix (MATH.md section 1 and 2.4),
+
+    dF/dW_l = M_l ⊙ (s_l∘delta_l) c_l^T,   dF/db_l = s_l∘delta_l,   s_l = deg_l^(-1/2),  delta_l = dF/dz_l,
+
+so the Hessian-vector product along a tangent V is, with the tangents ċ_l and δ̇_l of c_l and delta_l,
+
+    (H V)_l = M_l ⊙ (s_l∘δ̇_l c_l^T + s_l∘delta_l ċ_l^T),   bias part s_l∘δ̇_l.
+
+Every H V therefore lies in the image of
+
+    E(u, y) = ( M_l ⊙ (s_l∘u_l c_l^T + q_l y_l^T),  bias s_l∘u_l )_{l <= top},   q_l = s_l∘delta_l,
+
+with u_l in R^{m_l} and y_l in R^{n_l}: R = sum_l (m_l + n_l) coordinates (about 2 L m) instead of
+P (about L m^2) parameters, and so does every eigenvector of H with a non-zero eigenvalue. Lanczos runs on
+these coordinates: the operator is (u, y) -> (δ̇, ċ) for V = E(u, y), and the inner product is that of
+parameter space, <E a, E b> = a . G b, with p_l = s_l∘u_l and
+
+    G(u, y) = ( s_l∘X_l , Y_l )_l,    X_l = p_l∘(M_l c_l^2 [+ 1 with a bias]) + q_l∘M_l (c_l∘y_l),
+                                      Y_l = c_l∘M_l^T (p_l∘q_l) + y_l∘M_l^T q_l^2.
+
+X_l and Y_l are also what V feeds into the two passes ((M⊙V_l) c_l + V_b,l = X_l and (M⊙V_l)^T q_l = Y_l):
+
+    forward,  l < top:   ż_l = s_l∘(X_l + W̃_l ċ_l),   ḣ_l = sigma'(z_l)∘ż_l,   ċ_l from the ḣ it reads
+    backward, l <= top:  δ̇_top = 0,   δ̇_l = sigma''(z_l)∘ż_l∘g_l + sigma'(z_l)∘ġ_l,
+                         ġ_j += (Y_l + W̃_l^T (s_l∘δ̇_l))[columns of h_j in c_l]
+
+where W̃_l = M_l ⊙ W_l and g_j = dF/dh_j. A step costs two products with each weight matrix (plus two with
+each mask) for all (probe, output) pairs at once, and the Krylov vectors have R entries, not P: no
+parameter-sized vector is ever formed. Without a mask the mask products are sums (M c^2 = ||c||^2, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lightning_linearity.metrics._layered import backpropagate, source_columns, trace_net, trainable_flags
+from lightning_linearity.nets.network import LayeredNTKNet
+
+
+def structured_hessian_blocker(net: LayeredNTKNet, top: int) -> str | None:
+    """Why the structured products cannot serve layers 1..``top`` of ``net`` (``None`` if they can)."""
+    frozen = [
+        f"layers.{l}"
+        for l, layer in enumerate(net.layers[:top])
+        if trainable_flags(layer) != (True, layer.bias is not None)
+    ]
+    if frozen:
+        return (
+            f"the structured Hessian needs every weight and bias of the layers it differentiates trainable, "
+            f"but {', '.join(frozen)} {'has' if len(frozen) == 1 else 'have'} frozen parameters"
+        )
+    return None
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """Constants of layer l at the batch elements (probe, function): rows are the batch elements."""
+
+    weight: Tensor  # W̃_l = M_l ⊙ W_l, (m, n)
+    scale: Tensor  # s_l, (m,)
+    mask: Tensor | None  # M_l, (m, n); None when fully connected
+    c: Tensor  # c_l, (B, n)
+    q: Tensor  # s_l∘delta_l, (B, m)
+    c_energy: Tensor  # M_l c_l^2 (+1 with a bias), (B, m) or (B, 1) without a mask
+    q_energy: Tensor  # M_l^T q_l^2, (B, n) or (B, 1) without a mask
+    sources: list[tuple[int, slice]]  # (j, columns of c_l holding h_j), j >= 1
+
+
+class StructuredHessian:
+    """The Hessians d^2 F_b / dw^2 of the batch elements b = (probe i, function a) as Lanczos operators.
+
+    Element b = i * q + a is the Hessian of ``seed[a] . z_top(w; x_i)``. :meth:`matvec` and :meth:`gram`
+    are batched operators in the sense of :mod:`~lightning_linearity.metrics._linalg` on the ``dim``
+    coordinates described in the module docstring; pass both to
+    :func:`~lightning_linearity.metrics._linalg.lanczos`.
+    """
+
+    def __init__(self, net: LayeredNTKNet, x: Tensor, top: int, seed: Tensor):
+        trace = trace_net(net, x)
+        repeat = seed.shape[0]
+        deltas = backpropagate(net, trace, top, seed)  # (n, q, m_l) each
+        self.top, self.activation = top, net.activation
+        self.layers: list[_Layer] = []
+        self.sizes: list[int] = []
+        with torch.no_grad():
+            for l in range(1, top + 1):
+                layer = net.layers[l - 1]
+                c = trace.inputs[l - 1].repeat_interleave(repeat, dim=0)
+                scale = layer.in_degree.rsqrt().to(c.dtype)
+                q = deltas[l - 1].flatten(0, 1) * scale
+                mask = None if layer.mask is None else layer.mask.to(c.dtype)
+                bias = 1.0 if layer.bias is not None else 0.0
+                if mask is None:
+                    c_energy = (c * c).sum(dim=1, keepdim=True) + bias
+                    q_energy = (q * q).sum(dim=1, keepdim=True)
+                else:
+                    c_energy = (c * c) @ mask.T + bias
+                    q_energy = (q * q) @ mask
+                sources = [(j, cols) for j, cols in source_columns(net, l) if j >= 1]
+                self.layers.append(
+                    _Layer(layer.effective_weight(), scale, mask, c, q, c_energy, q_energy, sources)
+                )
+                self.sizes += [layer.out_features, layer.in_features]
+            # sigma'(z_l), sigma''(z_l) and g_l = dF/dh_l for the hidden layers below top
+            z = [trace.preactivations[l - 1].repeat_interleave(repeat, dim=0) for l in range(1, top)]
+            self.slope = [self.activation.derivative(zl) for zl in z]
+            self.curvature = [self.activation.second_derivative(zl) for zl in z]
+            self.post = self._post_gradients()
+        self.dim = sum(self.sizes)
+        self.batch = self.layers[0].c.shape[0]
+
+    def _post_gradients(self) -> list[Tensor]:
+        """g_j = dF/dh_j for j = 1..top-1: the sum over the layers l reading h_j of (W̃_l^T q_l)[cols]."""
+        post = [torch.zeros_like(s) for s in self.slope]
+        for layer in self.layers:
+            pulled = layer.q @ layer.weight
+            for j, cols in layer.sources:
+                post[j - 1] += pulled[:, cols]
+        return post
+
+    # ------------------------------------------------------------------------------ the two operators
+    def _split(self, v: Tensor) -> list[tuple[Tensor, Tensor]]:
+        parts = v.split(self.sizes, dim=1)
+        return list(zip(parts[0::2], parts[1::2], strict=True))
+
+    @staticmethod
+    def _xy(layer: _Layer, active: Tensor, u: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """X_l and Y_l of the module docstring for the coordinates (u_l, y_l) of the active elements."""
+        c, q = layer.c[active], layer.q[active]
+        p = u * layer.scale
+        if layer.mask is None:
+            x_part = p * layer.c_energy[active] + q * (c * y).sum(dim=1, keepdim=True)
+            y_part = c * (p * q).sum(dim=1, keepdim=True) + y * layer.q_energy[active]
+        else:
+            x_part = p * layer.c_energy[active] + q * ((c * y) @ layer.mask.T)
+            y_part = c * ((p * q) @ layer.mask) + y * layer.q_energy[active]
+        return x_part, y_part
+
+    def gram(self, v: Tensor, active: Tensor) -> Tensor:
+        """G v: <E a, E v> = a . G v, the parameter-space inner product in coordinates."""
+        out = []
+        with torch.no_grad():
+            for layer, (u, y) in zip(self.layers, self._split(v), strict=True):
+                x_part, y_part = self._xy(layer, active, u, y)
+                out += [layer.scale * x_part, y_part]
+        return torch.cat(out, dim=1)
+
+    def matvec(self, v: Tensor, active: Tensor) -> Tensor:
+        """The coordinates (δ̇_l, ċ_l)_l of H E(v): one forward and one backward tangent pass."""
+        with torch.no_grad():
+            coords = self._split(v)
+            parts = [self._xy(layer, active, u, y) for layer, (u, y) in zip(self.layers, coords, strict=True)]
+            c_dots, z_dots, h_dots = [], [], []
+            for l, (layer, (x_part, _)) in enumerate(zip(self.layers, parts, strict=True), start=1):
+                c_dot = v.new_zeros(v.shape[0], layer.weight.shape[1])
+                for j, cols in layer.sources:
+                    c_dot[:, cols] = h_dots[j - 1]
+                c_dots.append(c_dot)
+                if l < self.top:
+                    z_dots.append(layer.scale * (x_part + c_dot @ layer.weight.T))
+                    h_dots.append(self.slope[l - 1][active] * z_dots[-1])
+            post_dots = [torch.zeros_like(h) for h in h_dots]
+            delta_dots: list[Tensor] = []
+            for l in range(self.top, 0, -1):
+                layer, (_, y_part) = self.layers[l - 1], parts[l - 1]
+                if l == self.top:  # the seed is constant
+                    delta_dot = v.new_zeros(v.shape[0], layer.weight.shape[0])
+                    pulled = y_part
+                else:
+                    delta_dot = (
+                        self.curvature[l - 1][active] * z_dots[l - 1] * self.post[l - 1][active]
+                        + self.slope[l - 1][active] * post_dots[l - 1]
+                    )
+                    pulled = y_part + (layer.scale * delta_dot) @ layer.weight
+                delta_dots.append(delta_dot)
+                for j, cols in layer.sources:
+                    post_dots[j - 1] += pulled[:, cols]
+            delta_dots.reverse()
+        return torch.cat([t for pair in zip(delta_dots, c_dots, strict=True) for t in pair], dim=1)

@@ -38,6 +38,15 @@ def test_spectral_is_largest_singular_value_for_indefinite_change():
     )
 
 
+def test_spectral_norm_of_symmetric_and_general_matrices_equals_the_svd():
+    # symmetric kernels take eigvalsh, anything else the SVD: both equal the largest singular value
+    kernel_0, kernel_t = random_psd(7, 2), random_psd(7, 3)
+    general = kernel_t + torch.triu(torch.ones(7, 7, dtype=torch.float64))  # not symmetric
+    for k_t in (kernel_t, general):
+        expected = torch.linalg.svdvals(k_t - kernel_0)[0] / torch.linalg.svdvals(kernel_0)[0]
+        assert relative_kernel_change(k_t, kernel_0).item() == pytest.approx(expected.item(), rel=1e-12)
+
+
 def test_result_follows_dtype_of_kernel_t():
     kernel_0 = random_psd(4, 1).float()
     change = relative_kernel_change(1.5 * kernel_0, kernel_0)

@@ -40,6 +40,7 @@ from lightning_linearity.metrics._functional import (
     resolve_layer,
     trainable_parameters,
 )
+from lightning_linearity.metrics._layered import Method, check_method
 from lightning_linearity.metrics.cosines import neuron_gradient_cosines
 from lightning_linearity.metrics.hessian import hessian_spectral_norm
 from lightning_linearity.metrics.kernel_change import relative_kernel_change
@@ -126,13 +127,12 @@ class NTKOptions:
             (MATH.md 2.2; never below ``lambda_min``), when the probe set has targets.
     """
 
-    method: Literal["auto", "structured", "generic"] = "auto"
+    method: Method = "auto"
     chunk_size: int | None = None
     pl_ratio: bool = True
 
     def __post_init__(self) -> None:
-        if self.method not in ("auto", "structured", "generic"):
-            raise ValueError(f"method must be 'auto', 'structured' or 'generic', got {self.method!r}")
+        check_method(self.method)
         _check_positive_int("chunk_size", self.chunk_size)
 
 
@@ -151,24 +151,30 @@ class KernelChangeOptions:
 class HessianOptions:
     """Options of ``hessian_norm`` (MATH.md 2.4).
 
-    Each probe point gets its own Lanczos run over its q outputs (or sampled neurons), which keeps a Krylov
-    basis of about ``q * max_iter * P`` numbers for P parameters; it is the costliest metric, hence the
-    default of one probe point.
+    Each probe point gets its own Lanczos run over its q outputs (or sampled neurons). On the package's
+    networks it runs on the structured path (a Krylov basis of about ``q * max_iter * 4 L m`` numbers and
+    about four products with each weight matrix per step); other models take the generic ``torch.func``
+    path, whose basis holds ``q * max_iter * P`` numbers for P parameters. It is the costliest metric,
+    hence the default of one probe point.
 
     Attributes:
         num_points: Hessians at the first ``num_points`` probe points (``None``: all of them).
-        tol: relative residual tolerance of Lanczos.
+        tol: relative residual tolerance of Lanczos: an eigenvalue lies within ``tol * value`` of the
+            logged value (usually much closer: the error of a Ritz value is at most residual^2 / gap).
         max_iter: Lanczos steps (Hessian-vector products) per norm, at most.
         layers: hidden layers whose pre-activation Hessians ||d^2 z_l[r] / dw^2|| are also logged
             (004 Theorem 3.8); none by default.
         num_neurons: neurons sampled per layer in ``layers`` (``None``: all).
+        method: ``"auto"``, ``"structured"`` or ``"generic"`` (see
+            :func:`~lightning_linearity.metrics.hessian.hessian_spectral_norm`).
     """
 
     num_points: int | None = 1
-    tol: float = 1e-3
+    tol: float = 1e-2
     max_iter: int = 50
     layers: tuple[Layer, ...] = ()
     num_neurons: int | None = 8
+    method: Method = "auto"
 
     def __post_init__(self) -> None:
         _check_positive_int("num_points", self.num_points)
@@ -176,6 +182,7 @@ class HessianOptions:
         _check_positive_int("max_iter", self.max_iter, allow_none=False)
         if isinstance(self.tol, bool) or not isinstance(self.tol, int | float) or not 0 < self.tol < math.inf:
             raise ValueError(f"tol must be a positive number, got {self.tol!r}")
+        check_method(self.method)
         object.__setattr__(self, "layers", tuple(self.layers))
 
 
@@ -186,7 +193,8 @@ class CosineOptions:
     Attributes:
         layers: hidden layers to measure (``None``: every hidden layer of the package's nets; required for
             other models: names of submodules whose outputs are pre-activations).
-        num_points: average over the first ``num_points`` probe points (``None``: all of them).
+        num_points: average over the first ``num_points`` probe points (default 8; ``None``: all of
+            them). With 32 neurons, 8 points average 8 x 496 pairs per layer.
         num_neurons: neurons sampled per layer, the same subset in every round (``None``: all).
         method: ``"auto"``, ``"structured"`` or ``"generic"``.
         chunk_size: probe points processed at once (``None``: sized automatically).
@@ -195,17 +203,16 @@ class CosineOptions:
     """
 
     layers: tuple[Layer, ...] | None = None
-    num_points: int | None = None
+    num_points: int | None = 8
     num_neurons: int | None = 32
-    method: Literal["auto", "structured", "generic"] = "auto"
+    method: Method = "auto"
     chunk_size: int | None = None
 
     def __post_init__(self) -> None:
         _check_positive_int("num_points", self.num_points)
         _check_positive_int("num_neurons", self.num_neurons)
         _check_positive_int("chunk_size", self.chunk_size)
-        if self.method not in ("auto", "structured", "generic"):
-            raise ValueError(f"method must be 'auto', 'structured' or 'generic', got {self.method!r}")
+        check_method(self.method)
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(self.layers))
 
@@ -435,6 +442,7 @@ class Hessian(Stage):
                     generator=ctx.generator(),
                     tol=opts.tol,
                     max_iter=opts.max_iter,
+                    method=opts.method,
                 )
                 for i in range(x.shape[0])
             ]

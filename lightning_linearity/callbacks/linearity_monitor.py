@@ -105,10 +105,11 @@ class LinearityMonitor(Callback):
             ``{"hessian_norm": {"num_points": 8}, "grad_cosines": {"layers": ["net.0"]}}``. Options:
             ``ntk``: ``method``, ``chunk_size``, ``pl_ratio``; ``kernel_change``: ``ord``
             (``"spectral"``/``"fro"``); ``hessian_norm``: ``num_points`` (default 1), ``tol``, ``max_iter``,
-            ``layers``, ``num_neurons``; ``grad_cosines``: ``layers``, ``num_points``, ``num_neurons``
-            (default 32), ``method``, ``chunk_size``; ``linearization``: ``memory_budget_mb`` (see the
-            option classes in :mod:`lightning_linearity.callbacks._stages`). To measure a costly metric
-            less often than the others, add a second monitor with it alone and a longer ``every_n_steps``.
+            ``layers``, ``num_neurons``, ``method``; ``grad_cosines``: ``layers``, ``num_points``
+            (default 8), ``num_neurons`` (default 32), ``method``, ``chunk_size``; ``linearization``:
+            ``memory_budget_mb`` (see the option classes in :mod:`lightning_linearity.callbacks._stages`).
+            To measure a costly metric less often than the others, add a second monitor with it alone
+            and a longer ``every_n_steps``.
         every_n_steps: a round every this many optimiser steps; ``None`` for none.
         every_n_epochs: a round at the end of every this many training epochs; ``None`` (default) for none.
         probe_size: number of probe points; default: all of ``probe_data``, else 32 training points.

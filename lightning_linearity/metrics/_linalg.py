@@ -173,9 +173,10 @@ def lanczos(
     check_solver_options(tol, max_iter)
     steps = min(max_iter, dim)
     active = torch.arange(batch)
+    active_on_device = active.to(device)  # one tensor per active set: operators may cache on it
 
     def dual_of(v: Tensor) -> Tensor:
-        return v if gram is None else gram(v, active.to(device))
+        return v if gram is None else gram(v, active_on_device)
 
     q = random_unit_vectors(batch, dim, generator=generator, dtype=dtype, device=device)
     q_dual = dual_of(q)
@@ -196,7 +197,7 @@ def lanczos(
             basis = _grow(basis, min(2 * j, steps))
             dual_basis = basis if gram is None else _grow(dual_basis, basis.shape[1])
         basis[:, j], dual_basis[:, j] = q, q_dual
-        w = matvec(q, active.to(device))
+        w = matvec(q, active_on_device)
         alpha = (q_dual * w).sum(dim=-1)
         w = w - alpha[:, None] * q - beta[:, None] * q_previous
         w_dual = dual_of(w)
@@ -220,6 +221,7 @@ def lanczos(
         if done.any():
             keep = (~done).to(device)
             active = active[~done]
+            active_on_device = active.to(device)
             basis, w, beta, q_previous = basis[keep], w[keep], beta[keep], q_previous[keep]
             dual_basis = basis if gram is None else dual_basis[keep]
             w_dual = w if gram is None else w_dual[keep]

@@ -61,16 +61,29 @@ def structured_hessian_blocker(net: LayeredNTKNet, top: int) -> str | None:
 
 @dataclass(frozen=True)
 class _Layer:
-    """Constants of layer l at the batch elements (probe, function): rows are the batch elements."""
+    """Constants of layer l; ``rows`` holds those of the batch elements (probe, function), one row each."""
 
     weight: Tensor  # W̃_l = M_l ⊙ W_l, (m, n)
     scale: Tensor  # s_l, (m,)
     mask: Tensor | None  # M_l, (m, n); None when fully connected
+    sources: list[tuple[int, slice]]  # (j, columns of c_l holding h_j), j >= 1
+    rows: _Rows
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """Per-element constants of one layer (rows = batch elements)."""
+
     c: Tensor  # c_l, (B, n)
     q: Tensor  # s_l∘delta_l, (B, m)
     c_energy: Tensor  # M_l c_l^2 (+1 with a bias), (B, m) or (B, 1) without a mask
     q_energy: Tensor  # M_l^T q_l^2, (B, n) or (B, 1) without a mask
-    sources: list[tuple[int, slice]]  # (j, columns of c_l holding h_j), j >= 1
+    slope: Tensor | None  # sigma'(z_l) for l < top, (B, m)
+    curvature: Tensor | None  # sigma''(z_l) for l < top, (B, m)
+    post: Tensor | None  # g_l = dF/dh_l for l < top, (B, m)
+
+    def select(self, active: Tensor) -> _Rows:
+        return _Rows(*(None if t is None else t[active] for t in vars(self).values()))
 
 
 class StructuredHessian:
@@ -86,15 +99,14 @@ class StructuredHessian:
         trace = trace_net(net, x)
         repeat = seed.shape[0]
         deltas = backpropagate(net, trace, top, seed)  # (n, q, m_l) each
-        self.top, self.activation = top, net.activation
-        self.layers: list[_Layer] = []
-        self.sizes: list[int] = []
+        self.top, self.layers, self.sizes = top, [], []
         with torch.no_grad():
+            scales = [layer.in_degree.rsqrt().to(x.dtype) for layer in net.layers[:top]]
+            qs = [d.flatten(0, 1) * s for d, s in zip(deltas, scales, strict=True)]
+            post = self._post_gradients(net, top, qs)
             for l in range(1, top + 1):
                 layer = net.layers[l - 1]
-                c = trace.inputs[l - 1].repeat_interleave(repeat, dim=0)
-                scale = layer.in_degree.rsqrt().to(c.dtype)
-                q = deltas[l - 1].flatten(0, 1) * scale
+                c, q = trace.inputs[l - 1].repeat_interleave(repeat, dim=0), qs[l - 1]
                 mask = None if layer.mask is None else layer.mask.to(c.dtype)
                 bias = 1.0 if layer.bias is not None else 0.0
                 if mask is None:
@@ -103,27 +115,36 @@ class StructuredHessian:
                 else:
                     c_energy = (c * c) @ mask.T + bias
                     q_energy = (q * q) @ mask
+                slope = curvature = None
+                if l < top:
+                    z = trace.preactivations[l - 1].repeat_interleave(repeat, dim=0)
+                    slope, curvature = net.activation.derivative(z), net.activation.second_derivative(z)
+                rows = _Rows(c, q, c_energy, q_energy, slope, curvature, post[l - 1] if l < top else None)
                 sources = [(j, cols) for j, cols in source_columns(net, l) if j >= 1]
-                self.layers.append(
-                    _Layer(layer.effective_weight(), scale, mask, c, q, c_energy, q_energy, sources)
-                )
+                self.layers.append(_Layer(layer.effective_weight(), scales[l - 1], mask, sources, rows))
                 self.sizes += [layer.out_features, layer.in_features]
-            # sigma'(z_l), sigma''(z_l) and g_l = dF/dh_l for the hidden layers below top
-            z = [trace.preactivations[l - 1].repeat_interleave(repeat, dim=0) for l in range(1, top)]
-            self.slope = [self.activation.derivative(zl) for zl in z]
-            self.curvature = [self.activation.second_derivative(zl) for zl in z]
-            self.post = self._post_gradients()
         self.dim = sum(self.sizes)
-        self.batch = self.layers[0].c.shape[0]
+        self.batch = x.shape[0] * repeat
+        self._selected: tuple[Tensor, list[_Rows]] | None = None
 
-    def _post_gradients(self) -> list[Tensor]:
+    @staticmethod
+    def _post_gradients(net: LayeredNTKNet, top: int, qs: list[Tensor]) -> list[Tensor]:
         """g_j = dF/dh_j for j = 1..top-1: the sum over the layers l reading h_j of (W̃_l^T q_l)[cols]."""
-        post = [torch.zeros_like(s) for s in self.slope]
-        for layer in self.layers:
-            pulled = layer.q @ layer.weight
-            for j, cols in layer.sources:
-                post[j - 1] += pulled[:, cols]
+        post = [qs[0].new_zeros(qs[0].shape[0], width) for width in net.hidden_widths[: top - 1]]
+        for l in range(2, top + 1):
+            pulled = qs[l - 1] @ net.layers[l - 1].effective_weight()
+            for j, cols in source_columns(net, l):
+                if j >= 1:
+                    post[j - 1] += pulled[:, cols]
         return post
+
+    def _rows(self, active: Tensor) -> list[_Rows]:
+        """Each layer's rows of the ``active`` elements (cached: Lanczos passes one tensor per active set)."""
+        if active.numel() == self.batch:
+            return [layer.rows for layer in self.layers]
+        if self._selected is None or self._selected[0] is not active:
+            self._selected = (active, [layer.rows.select(active) for layer in self.layers])
+        return self._selected[1]
 
     # ------------------------------------------------------------------------------ the two operators
     def _split(self, v: Tensor) -> list[tuple[Tensor, Tensor]]:
@@ -131,32 +152,35 @@ class StructuredHessian:
         return list(zip(parts[0::2], parts[1::2], strict=True))
 
     @staticmethod
-    def _xy(layer: _Layer, active: Tensor, u: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """X_l and Y_l of the module docstring for the coordinates (u_l, y_l) of the active elements."""
-        c, q = layer.c[active], layer.q[active]
+    def _xy(layer: _Layer, rows: _Rows, u: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """X_l and Y_l of the module docstring for the coordinates (u_l, y_l)."""
+        c, q = rows.c, rows.q
         p = u * layer.scale
         if layer.mask is None:
-            x_part = p * layer.c_energy[active] + q * (c * y).sum(dim=1, keepdim=True)
-            y_part = c * (p * q).sum(dim=1, keepdim=True) + y * layer.q_energy[active]
+            x_part = p * rows.c_energy + q * (c * y).sum(dim=1, keepdim=True)
+            y_part = c * (p * q).sum(dim=1, keepdim=True) + y * rows.q_energy
         else:
-            x_part = p * layer.c_energy[active] + q * ((c * y) @ layer.mask.T)
-            y_part = c * ((p * q) @ layer.mask) + y * layer.q_energy[active]
+            x_part = p * rows.c_energy + q * ((c * y) @ layer.mask.T)
+            y_part = c * ((p * q) @ layer.mask) + y * rows.q_energy
         return x_part, y_part
 
     def gram(self, v: Tensor, active: Tensor) -> Tensor:
         """G v: <E a, E v> = a . G v, the parameter-space inner product in coordinates."""
         out = []
         with torch.no_grad():
-            for layer, (u, y) in zip(self.layers, self._split(v), strict=True):
-                x_part, y_part = self._xy(layer, active, u, y)
+            for layer, rows, (u, y) in zip(self.layers, self._rows(active), self._split(v), strict=True):
+                x_part, y_part = self._xy(layer, rows, u, y)
                 out += [layer.scale * x_part, y_part]
         return torch.cat(out, dim=1)
 
     def matvec(self, v: Tensor, active: Tensor) -> Tensor:
         """The coordinates (δ̇_l, ċ_l)_l of H E(v): one forward and one backward tangent pass."""
+        rows = self._rows(active)
         with torch.no_grad():
-            coords = self._split(v)
-            parts = [self._xy(layer, active, u, y) for layer, (u, y) in zip(self.layers, coords, strict=True)]
+            parts = [
+                self._xy(layer, r, u, y)
+                for layer, r, (u, y) in zip(self.layers, rows, self._split(v), strict=True)
+            ]
             c_dots, z_dots, h_dots = [], [], []
             for l, (layer, (x_part, _)) in enumerate(zip(self.layers, parts, strict=True), start=1):
                 c_dot = v.new_zeros(v.shape[0], layer.weight.shape[1])
@@ -164,23 +188,21 @@ class StructuredHessian:
                     c_dot[:, cols] = h_dots[j - 1]
                 c_dots.append(c_dot)
                 if l < self.top:
-                    z_dots.append(layer.scale * (x_part + c_dot @ layer.weight.T))
-                    h_dots.append(self.slope[l - 1][active] * z_dots[-1])
+                    z_dot = x_part if not layer.sources else x_part + c_dot @ layer.weight.T
+                    z_dots.append(layer.scale * z_dot)
+                    h_dots.append(rows[l - 1].slope * z_dots[-1])
             post_dots = [torch.zeros_like(h) for h in h_dots]
             delta_dots: list[Tensor] = []
             for l in range(self.top, 0, -1):
-                layer, (_, y_part) = self.layers[l - 1], parts[l - 1]
+                layer, r, (_, y_part) = self.layers[l - 1], rows[l - 1], parts[l - 1]
                 if l == self.top:  # the seed is constant
                     delta_dot = v.new_zeros(v.shape[0], layer.weight.shape[0])
-                    pulled = y_part
                 else:
-                    delta_dot = (
-                        self.curvature[l - 1][active] * z_dots[l - 1] * self.post[l - 1][active]
-                        + self.slope[l - 1][active] * post_dots[l - 1]
-                    )
-                    pulled = y_part + (layer.scale * delta_dot) @ layer.weight
+                    delta_dot = r.curvature * z_dots[l - 1] * r.post + r.slope * post_dots[l - 1]
                 delta_dots.append(delta_dot)
-                for j, cols in layer.sources:
-                    post_dots[j - 1] += pulled[:, cols]
+                if layer.sources:
+                    pulled = y_part if l == self.top else y_part + (layer.scale * delta_dot) @ layer.weight
+                    for j, cols in layer.sources:
+                        post_dots[j - 1] += pulled[:, cols]
             delta_dots.reverse()
         return torch.cat([t for pair in zip(delta_dots, c_dots, strict=True) for t in pair], dim=1)

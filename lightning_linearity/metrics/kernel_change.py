@@ -51,9 +51,16 @@ def relative_kernel_change(kernel_t: Tensor, kernel_0: Tensor, ord: Norm = "spec
         )
     k_t = kernel_t.detach().to(dtype=torch.float64, device=kernel_0.device)
     k_0 = kernel_0.detach().to(torch.float64)
-    norm = _MATRIX_NORM_ORD[ord]
-    reference = torch.linalg.matrix_norm(k_0, ord=norm)
+    reference = _matrix_norm(k_0, ord)
     if reference == 0:
         raise ValueError("kernel_0 is the zero matrix; the relative change is undefined")
-    change = torch.linalg.matrix_norm(k_t - k_0, ord=norm) / reference
+    change = _matrix_norm(k_t - k_0, ord) / reference
     return change.to(dtype=kernel_t.dtype, device=kernel_t.device)
+
+
+def _matrix_norm(matrix: Tensor, ord: Norm) -> Tensor:
+    """The norm of a float64 matrix; the spectral norm of a symmetric one (every NTK, every difference of
+    two) is max |eigenvalue|, from ``eigvalsh`` (about 3x faster than the SVD the general case needs)."""
+    if ord == "spectral" and matrix.shape[0] == matrix.shape[1] and torch.equal(matrix, matrix.T):
+        return torch.linalg.eigvalsh(matrix).abs().max()
+    return torch.linalg.matrix_norm(matrix, ord=_MATRIX_NORM_ORD[ord])

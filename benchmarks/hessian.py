@@ -1,61 +1,134 @@
-"""Hessian spectral norm: Lanczos vs Rayleigh-quotient power iteration, side by side from one run.
+"""Hessian spectral norm: two tables side by side from one run (solvers, then the two paths).
 
-    python benchmarks/hessian.py --threads 1          # the table of benchmarks/README.md (~2-3 min)
-    python benchmarks/hessian.py --widths 64 256 --probes 4
+    python benchmarks/hessian.py --threads 1          # the tables of benchmarks/README.md (several minutes)
+    python benchmarks/hessian.py --widths 64 256 --path-widths 64 256 --dag-widths 64 --probes 4
     python benchmarks/hessian.py --device cuda
 
-Both solvers run on the same batched forward-over-reverse Hessian-vector products (the operator that
-``hessian_spectral_norm`` uses) for the output Hessian d^2 f(w; x_i)/dw^2 of an NTK FCN (tanh, depth 3,
-one output) at initialisation, with the same relative residual tolerance (default 1e-3: the estimate is
-then within 1e-3 of an eigenvalue) and the same budget of products per probe. Columns: Hessian-vector
-products (HVPs) in total over the probes, wall time, and the largest relative error against a reference
-(Lanczos at tol 1e-6, one probe at a time). A power-iteration count marked ``+`` includes probes that hit
-the budget without converging: it is a lower bound on what power iteration would need.
+Both tables measure the output Hessians d^2 f(w; x_i)/dw^2 (one per probe point x_i, k = 1 output) at
+initialisation, in float32, with one relative residual tolerance (default 1e-3: the estimate is then within
+1e-3 of an eigenvalue) and one budget of products per probe, the same for both sides of a table.
+
+Solvers (NTK FCN, tanh, depth 3, d = 16): Lanczos vs Rayleigh-quotient power iteration, both on the same
+batched forward-over-reverse Hessian-vector products (the operator of the generic path of
+``hessian_spectral_norm``). Columns: Hessian-vector products (HVPs) in total over the probes, wall time,
+and the largest relative error against a reference (Lanczos at tol 1e-6, one probe at a time). A
+power-iteration count marked ``+`` includes probes that hit the budget without converging: it is a lower
+bound on what power iteration would need.
+
+Paths: ``hessian_spectral_norm(method="structured")`` vs ``method="generic"`` (Lanczos either way, default
+chunking and start vectors) on NTK FCNs (tanh, depth 3, d = 16), a DenseNet and a masked DenseNet (every
+edge dropped with probability 1/2, mask seed 0). Columns: parameters P, the structured path's coordinates
+R = sum over layers of (out_features + in_features), wall time of both paths (after a warm-up call on one
+probe; the best of 3 calls for a path that takes under a second), speed-up, HVPs of both (``info.num_hvps``),
+the largest relative difference between the two paths' norms, and the peak extra memory of a call (on CPU:
+the resident-set high-water mark above the level before the call, Linux only, so memory that the allocator
+kept from earlier calls and reuses is not counted; on CUDA: the peak of allocated memory). The generic path
+is skipped, and marked ``—``, where its time estimated from the previous generic row (seconds per HVP per
+parameter, times P and the structured path's HVP count) exceeds ``--max-generic-seconds``.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+import warnings
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from lightning_linearity.metrics._functional import num_parameters, single_input_model, trainable_parameters
 from lightning_linearity.metrics._linalg import EigenResult, lanczos, power_iteration
-from lightning_linearity.metrics.hessian import hessian_operator
+from lightning_linearity.metrics.hessian import hessian_operator, hessian_spectral_norm
 from lightning_linearity.nets import LayeredNTKNet
 
-IN_FEATURES, DEPTH = 16, 3
+IN_FEATURES, DEPTH, OUTPUTS = 16, 3, 1
+NETWORKS = {
+    "FCN": LayeredNTKNet.fcn,
+    "DenseNet": LayeredNTKNet.densenet,
+    "masked DenseNet (p=1/2)": lambda *args, **kwargs: LayeredNTKNet.masked_dag(
+        *args, drop_prob=0.5, mask_seed=0, **kwargs
+    ),
+}
 
 
+def build(family: str, width: int, probes: int, device: torch.device) -> tuple[LayeredNTKNet, torch.Tensor]:
+    """The network (tanh, depth 3, seed 0) and its probe points (seed 1)."""
+    net = NETWORKS[family](IN_FEATURES, [width] * DEPTH, OUTPUTS, activation="tanh", seed=0).to(device)
+    x = torch.randn(probes, IN_FEATURES, generator=torch.Generator().manual_seed(1)).to(device)
+    return net, x
+
+
+def proc_status_mib(field: str) -> float | None:
+    """A memory field of ``/proc/self/status`` (Linux) in MiB; None where there is no such file."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith(field)) / 1024
+    except OSError:
+        return None
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")  # VmHWM := VmRSS
+    except OSError:
+        pass
+
+
+def timed(call: Callable[[], Any], device: torch.device) -> tuple[Any, float, float | None]:
+    """``call()``, its wall time in seconds and its peak extra memory in MiB (None where unknown)."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device) / 2**20 if cuda else proc_status_mib("VmRSS")
+    reset_peak_memory(device)
+    start = time.perf_counter()
+    result = call()
+    if cuda:
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else proc_status_mib("VmHWM")
+    return result, seconds, None if before is None or peak is None else peak - before
+
+
+def print_header(*columns: str) -> None:
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+
+
+# ------------------------------------------------------------------------ Lanczos vs power iteration
 def run(solver, operator, batch: int, dim: int, device: torch.device, tol: float, max_iter: int):
     """One solve from a fixed start (seed 0); returns the result and its wall time in seconds."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    result: EigenResult = solver(
-        operator, batch, dim, generator=torch.Generator().manual_seed(0), dtype=torch.float32, device=device,
-        tol=tol, max_iter=max_iter,
+    result, seconds, _ = timed(
+        lambda: solver(
+            operator, batch, dim, generator=torch.Generator().manual_seed(0), dtype=torch.float32,
+            device=device, tol=tol, max_iter=max_iter,
+        ),
+        device,
     )  # fmt: skip
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return result, time.perf_counter() - start
+    return result, seconds
 
 
-def measure(width: int, probes: int, device: torch.device, tol: float, max_iter: int) -> dict:
-    net = LayeredNTKNet.fcn(IN_FEATURES, [width] * DEPTH, 1, activation="tanh", seed=0).to(device)
-    x = torch.randn(probes, IN_FEATURES, generator=torch.Generator().manual_seed(1)).to(device)
+def measure_solvers(width: int, probes: int, device: torch.device, tol: float, max_iter: int) -> dict:
+    net, x = build("FCN", width, probes, device)
     params = trainable_parameters(net)
     f, dim = single_input_model(net), num_parameters(params)
-    operator = hessian_operator(f, params, x, 1)
-    operator(torch.zeros(probes, dim, device=device), torch.arange(probes, device=device))  # warm-up
+    operator = hessian_operator(f, params, x, OUTPUTS)
+    batch = torch.arange(probes * OUTPUTS, device=device)
+    operator(torch.zeros(len(batch), dim, device=device), batch)  # warm-up
 
-    reference = torch.cat([
-        run(lanczos, hessian_operator(f, params, x[i : i + 1], 1), 1, dim, device, 1e-6, 1000)[0].eigenvalue
-        for i in range(probes)
-    ]).abs()  # fmt: skip
-    lz, lz_seconds = run(lanczos, operator, probes, dim, device, tol, max_iter)
-    pw, pw_seconds = run(power_iteration, operator, probes, dim, device, tol, max_iter)
+    def alone(i: int) -> torch.Tensor:
+        """The reference: Lanczos at tol 1e-6 on probe i alone."""
+        operator_i = hessian_operator(f, params, x[i : i + 1], OUTPUTS)
+        return run(lanczos, operator_i, OUTPUTS, dim, device, 1e-6, 1000)[0].eigenvalue
+
+    reference = torch.cat([alone(i) for i in range(probes)]).abs()
+    lz, lz_seconds = run(lanczos, operator, probes * OUTPUTS, dim, device, tol, max_iter)
+    pw, pw_seconds = run(power_iteration, operator, probes * OUTPUTS, dim, device, tol, max_iter)
 
     def error(result: EigenResult) -> float:
         return float(((result.eigenvalue.abs() - reference).abs() / reference).max())
@@ -69,30 +142,18 @@ def measure(width: int, probes: int, device: torch.device, tol: float, max_iter:
     }  # fmt: skip
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256, 512, 1024])
-    parser.add_argument("--probes", type=int, default=8, help="probe points (one Hessian each)")
-    parser.add_argument("--tol", type=float, default=1e-3, help="relative residual tolerance of both solvers")
-    parser.add_argument("--max-iter", type=int, default=300, help="HVP budget per probe, both solvers")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+def solver_table(args: argparse.Namespace, device: torch.device) -> None:
     print(
-        f"NTK FCN tanh, depth {DEPTH}, d={IN_FEATURES}, k=1, {args.probes} probes, float32, tol={args.tol}, "
-        f"budget {args.max_iter} HVPs/probe, device={device}, threads={torch.get_num_threads()}"
+        f"NTK FCN tanh, depth {DEPTH}, d={IN_FEATURES}, k={OUTPUTS}, {args.probes} probes, float32, "
+        f"tol={args.tol}, budget {args.max_iter} HVPs/probe, device={device}, "
+        f"threads={torch.get_num_threads()}"
     )
-    header = (
-        "| width | P | HVPs Lanczos | HVPs power | HVP ratio | time Lanczos (s) | time power (s) "
-        "| time ratio | not converged (Lanczos / power) | max rel. error (Lanczos / power) |"
-    )
-    print(header)
-    print("|" + "---|" * header.count(" |"))
+    print_header(
+        "width", "P", "HVPs Lanczos", "HVPs power", "HVP ratio", "time Lanczos (s)", "time power (s)",
+        "time ratio", "not converged (Lanczos / power)", "max rel. error (Lanczos / power)",
+    )  # fmt: skip
     for width in args.widths:
-        row = measure(width, args.probes, device, args.tol, args.max_iter)
+        row = measure_solvers(width, args.probes, device, args.tol, args.max_iter)
         mark = "+" if row["power_failed"] else ""
         print(
             f"| {row['width']} | {row['P']:,} | {row['lanczos_hvps']} | {row['power_hvps']}{mark} "
@@ -102,6 +163,102 @@ def main() -> None:
             f"| {row['lanczos_err']:.1e} / {row['power_err']:.1e} |",
             flush=True,
         )
+
+
+# ------------------------------------------------------------------------ structured vs generic path
+def measure_path(
+    net: LayeredNTKNet, x: torch.Tensor, method: str, args: argparse.Namespace, device: torch.device
+) -> dict:
+    """One path of ``hessian_spectral_norm`` after a warm-up call on one probe: the norms, HVPs, probes not
+    converged, wall time (best of 3 calls when under a second) and peak extra MiB of the first call."""
+
+    def call(probes: torch.Tensor = x, max_iter: int = args.max_iter):
+        return hessian_spectral_norm(
+            net, probes, method=method, tol=args.tol, max_iter=max_iter, return_info=True
+        )
+
+    with warnings.catch_warnings():  # the warm-up stops after 2 steps, unconverged
+        warnings.simplefilter("ignore")
+        call(x[:1], 2)
+    (values, info), seconds, peak = timed(call, device)
+    assert info.method == method, (info.method, method)
+    if seconds < 1.0:
+        seconds = min([seconds] + [timed(call, device)[1] for _ in range(2)])
+    return {"values": values, "hvps": info.num_hvps, "failed": int((~info.converged).sum()),
+            "seconds": seconds, "peak": peak}  # fmt: skip
+
+
+def hvp_cell(result: dict) -> str:
+    return f"{result['hvps']}" + (f" ({result['failed']} not converged)" if result["failed"] else "")
+
+
+def mib_cell(peak: float | None) -> str:
+    return "?" if peak is None else f"{peak:.0f}"
+
+
+def path_table(args: argparse.Namespace, device: torch.device) -> None:
+    print(
+        f"\nhessian_spectral_norm, structured vs generic path: tanh, depth {DEPTH}, d={IN_FEATURES}, "
+        f"k={OUTPUTS}, {args.probes} probes, float32, tol={args.tol}, max_iter={args.max_iter}, "
+        f"device={device}, threads={torch.get_num_threads()}"
+    )
+    print_header(
+        "network", "width", "P", "R", "time structured (s)", "time generic (s)", "speed-up",
+        "HVPs structured", "HVPs generic", "max rel. diff", "peak MiB (structured / generic)",
+    )  # fmt: skip
+    rows = [("FCN", width) for width in args.path_widths]
+    rows += [(family, width) for family in list(NETWORKS)[1:] for width in args.dag_widths]
+    rate = None  # seconds per HVP per parameter of the last generic run
+    for family, width in rows:
+        net, x = build(family, width, args.probes, device)
+        size = sum(layer.out_features + layer.in_features for layer in net.layers)
+        params = num_parameters(trainable_parameters(net))
+        structured = measure_path(net, x, "structured", args, device)
+        estimate = None if rate is None else rate * params * structured["hvps"]
+        generic = {"time": "—", "speed-up": "—", "hvps": "—", "diff": "—", "peak": "—"}
+        if estimate is not None and estimate > args.max_generic_seconds:
+            generic["time"] = f"— (est. {estimate:.0f} s)"
+        else:
+            result = measure_path(net, x, "generic", args, device)
+            rate = result["seconds"] / (result["hvps"] * params)
+            speedup = result["seconds"] / structured["seconds"]
+            diff = ((structured["values"] - result["values"]).abs() / result["values"]).max()
+            generic = {
+                "time": f"{result['seconds']:.2f}", "hvps": hvp_cell(result), "diff": f"{float(diff):.1e}",
+                "speed-up": f"{speedup:.1f}x" if speedup < 10 else f"{speedup:.0f}x",
+                "peak": mib_cell(result["peak"]),
+            }  # fmt: skip
+        print(
+            f"| {family} | {width} | {params:,} | {size:,} | {structured['seconds']:.3f} | {generic['time']} "
+            f"| {generic['speed-up']} | {hvp_cell(structured)} | {generic['hvps']} | {generic['diff']} "
+            f"| {mib_cell(structured['peak'])} / {generic['peak']} |",
+            flush=True,
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256, 512, 1024],
+                        help="FCN widths of the solver table")  # fmt: skip
+    parser.add_argument("--path-widths", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048],
+                        help="FCN widths of the path table")  # fmt: skip
+    parser.add_argument("--dag-widths", type=int, nargs="+", default=[256, 1024],
+                        help="DenseNet and masked DenseNet widths of the path table")  # fmt: skip
+    parser.add_argument("--probes", type=int, default=8, help="probe points (one Hessian each)")
+    parser.add_argument("--tol", type=float, default=1e-3, help="relative residual tolerance, both sides")
+    parser.add_argument("--max-iter", type=int, default=300, help="HVP budget per probe, both sides")
+    parser.add_argument("--max-generic-seconds", type=float, default=60.0,
+                        help="skip a generic-path run estimated to take longer")  # fmt: skip
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    start, cpu = time.perf_counter(), time.process_time()
+    solver_table(args, device)
+    path_table(args, device)
+    print(f"\nTotal {time.perf_counter() - start:.0f} s wall ({time.process_time() - cpu:.0f} s CPU)")
 
 
 if __name__ == "__main__":

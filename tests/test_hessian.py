@@ -149,6 +149,23 @@ def test_structured_equals_generic_on_a_wide_float32_net():
     torch.testing.assert_close(hidden["structured"], hidden["generic"], rtol=1e-4, atol=0)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_columns_reproduce_their_share_of_the_full_computation(method):
+    # what a DDP rank computes for its (probe, output) pairs equals that part of the whole computation
+    net = make_net("densenet", 3, bias=True)
+    x = probes(2, 4)
+    full = hessian_spectral_norm(net, x, tol=1e-4, method=method)
+    part = hessian_spectral_norm(net, x, tol=1e-4, method=method, columns=[2, 0])
+    torch.testing.assert_close(part, full[:, [2, 0]], rtol=1e-12, atol=0)
+    generator = torch.Generator().manual_seed(3)
+    hidden = hessian_spectral_norm(net, x, layer=2, num_neurons=4, generator=generator, method=method)
+    generator = torch.Generator().manual_seed(3)
+    hidden_part = hessian_spectral_norm(
+        net, x, layer=2, num_neurons=4, generator=generator, method=method, columns=[3]
+    )
+    torch.testing.assert_close(hidden_part, hidden[:, [3]], rtol=1e-12, atol=0)
+
+
 def test_auto_method_takes_the_generic_path_when_parameters_are_frozen():
     net = make_net("fcn", 2, bias=True)
     net.layers[1].bias.requires_grad_(False)  # w excludes this bias: the structured subspace does not apply
@@ -312,6 +329,9 @@ def test_bad_inputs():
             hessian_spectral_norm(net, x, layer=1, num_neurons=num_neurons)
     with pytest.raises(ValueError, match="chunk_size"):
         hessian_spectral_norm(net, x, chunk_size=0)
+    for columns in ([], [1], [0, 0], [True]):
+        with pytest.raises(ValueError, match="columns must be distinct integers in 0..0"):
+            hessian_spectral_norm(net, x, columns=columns)
     with pytest.raises(ValueError, match="method must be"):
         hessian_spectral_norm(net, x, method="dense")
     with pytest.raises(ValueError, match="not one of the package's networks"):

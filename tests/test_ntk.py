@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from lightning_linearity.metrics.ntk import empirical_ntk
+from lightning_linearity.metrics.ntk import NTKFactors, empirical_ntk, structured_factors, structured_kernel
 from lightning_linearity.models import NTKFCN
 from lightning_linearity.nets import LayeredNTKNet
 
@@ -51,6 +51,17 @@ def assert_relative(actual, expected, rtol):
 
 PATHS = [("structured", "jacobian"), ("generic", "jacobian"), ("generic", "ntk_vp")]
 FAMILIES = ["fcn", "densenet", "masked", "edges"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kernel_from_factors_gathered_in_parts_equals_the_explicit_jacobian(family):
+    # what DDP ranks do: factors of their own probe points, flattened, gathered, assembled into K
+    net = make_net(family, out=3, bias=True).double()
+    x = torch.randn(5, net.in_features, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    rows = torch.cat([structured_factors(net, part).flatten() for part in (x[:2], x[2:4], x[4:])])
+    factors = NTKFactors.unflatten(rows, net)
+    assert [c.shape for c in factors.inputs] == [c.shape for c in structured_factors(net, x).inputs]
+    assert_relative(structured_kernel(net, factors), jacobian_kernel(net, x), 1e-12)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

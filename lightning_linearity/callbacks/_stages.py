@@ -27,6 +27,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from itertools import groupby
 from typing import Any, Literal
 
 import torch
@@ -36,17 +37,21 @@ from torch import Tensor, nn
 from lightning_linearity.callbacks._probe import ProbeSet
 from lightning_linearity.metrics._functional import (
     as_layered_net,
+    check_finite,
+    evaluate,
+    layer_output_model,
     num_parameters,
     resolve_layer,
     trainable_parameters,
 )
-from lightning_linearity.metrics._layered import Method, check_method
+from lightning_linearity.metrics._layered import Method, check_method, structured_net
 from lightning_linearity.metrics.cosines import neuron_gradient_cosines
 from lightning_linearity.metrics.hessian import hessian_spectral_norm
 from lightning_linearity.metrics.kernel_change import relative_kernel_change
 from lightning_linearity.metrics.linearization import linearization_error
-from lightning_linearity.metrics.ntk import empirical_ntk
+from lightning_linearity.metrics.ntk import NTKFactors, empirical_ntk, structured_factors, structured_kernel
 from lightning_linearity.metrics.pl import kernel_spectrum, pl_ratio
+from lightning_linearity.nets.network import LayeredNTKNet
 
 Layer = int | str
 
@@ -297,8 +302,12 @@ class Stage(ABC):
         return None
 
     def num_points(self, probe_size: int) -> int:
-        """How many of the probe points (the first ones) this stage uses and splits across ranks."""
+        """How many of the probe points (the first ones) this stage uses."""
         return probe_size if self.point_limit is None else min(probe_size, self.point_limit)
+
+    def num_units(self, ctx: RoundContext) -> int:
+        """How many units of work the ranks split (:meth:`rows` gets a share of them): the points."""
+        return self.num_points(len(ctx.probe))
 
     def inputs(self, ctx: RoundContext) -> Tensor:
         """The probe inputs this stage uses."""
@@ -306,7 +315,7 @@ class Stage(ABC):
 
     @abstractmethod
     def rows(self, ctx: RoundContext, share: slice) -> dict[str, Tensor]:
-        """This rank's rows: tensors whose dim 0 runs over the probe points of ``share``."""
+        """This rank's rows: tensors whose dim 0 runs over the units (probe points) of ``share``."""
 
     @abstractmethod
     def values(self, ctx: RoundContext, rows: dict[str, Tensor]) -> dict[str, float]:
@@ -330,10 +339,12 @@ class Stage(ABC):
 class Kernel(Stage):
     """The empirical NTK K (MATH.md 2.1), its spectrum (2.2) and its change from K_0 (2.3).
 
-    K is computed once per round and shared by ``ntk`` and ``kernel_change``. Under DDP rank r computes the
-    row block K[x_r, X] (a cross kernel; a single process computes K[X, X] directly); the gathered blocks
-    form K, which is symmetrised, (K + K^T) / 2, to remove rounding differences between blocks. K_0 = K(w_0)
-    is taken in the round at the start of training and kept (also in the checkpoint).
+    K is computed once per round and shared by ``ntk`` and ``kernel_change``. On the package's networks
+    rank r computes the structured factors (c_l and the output deltas D_l, MATH.md section 3) of its probe
+    points, the expensive backward passes, and every rank forms K from the gathered factors with the code
+    a single process uses. On other models rank r computes the row block K[x_r, X] (a cross kernel); the
+    gathered blocks form K, symmetrised, (K + K^T) / 2, to remove rounding differences between blocks.
+    K_0 = K(w_0) is taken in the round at the start of training and kept (also in the checkpoint).
     """
 
     ntk: NTKOptions | None
@@ -351,8 +362,15 @@ class Kernel(Stage):
     def _kernel_options(self) -> NTKOptions:
         return self.ntk or NTKOptions()
 
+    def _net(self, ctx: RoundContext) -> LayeredNTKNet | None:
+        """The network for the structured factors, or ``None`` for the generic path's row blocks."""
+        method = self._kernel_options.method
+        return None if method == "generic" else structured_net(ctx.model, required=method == "structured")
+
     def rows(self, ctx: RoundContext, share: slice) -> dict[str, Tensor]:
-        x, opts = ctx.probe.x, self._kernel_options
+        x, opts, net = ctx.probe.x, self._kernel_options, self._net(ctx)
+        if net is not None:  # the factors of this rank's points; every rank assembles K from all of them
+            return {"factors": evaluate_share(lambda xs: structured_factors(net, xs).flatten(), x, share)}
 
         def block(x_rows: Tensor) -> Tensor:
             x2 = None if x_rows.shape[0] == x.shape[0] else x  # the whole kernel: let it use the symmetry
@@ -362,9 +380,15 @@ class Kernel(Stage):
         return {"kernel": evaluate_share(block, x, share)}
 
     def values(self, ctx: RoundContext, rows: dict[str, Tensor]) -> dict[str, float]:
-        side = math.isqrt(rows["kernel"].numel())  # n * k
-        kernel = rows["kernel"].reshape(side, side)
-        kernel = (kernel + kernel.T) / 2
+        if "factors" in rows:
+            net = self._net(ctx)
+            factors = NTKFactors.unflatten(rows["factors"], net)
+            kernel = structured_kernel(net, factors, chunk_size=self._kernel_options.chunk_size)
+            kernel = check_finite(kernel, "the empirical NTK")
+        else:
+            side = math.isqrt(rows["kernel"].numel())  # n * k
+            kernel = rows["kernel"].reshape(side, side)
+            kernel = (kernel + kernel.T) / 2
         if ctx.take_references and self.reference is None:
             self.reference = kernel
         self.latest = kernel
@@ -407,60 +431,85 @@ class Kernel(Stage):
 @dataclass
 class Hessian(Stage):
     """Spectral norms ||d^2 f_a(w; x_i) / dw^2|| per probe point and output (MATH.md 2.4), max and mean;
-    optionally the same for sampled hidden pre-activations of chosen layers. Rank r takes its share of
-    the probe points.
+    optionally the same for sampled hidden pre-activations of chosen layers.
 
-    Every point is one call with a generator seeded alike (the same Lanczos start, the same sampled
-    neurons), so a point's norms do not depend on which rank computes it, nor with which other points:
-    DDP logs exactly what a single process logs.
+    The work splits into units (key, point i, function a), with key the output or a layer; rank r takes
+    a contiguous share of them, so one probe point's ten outputs already spread over ranks. Each point is
+    one call per rank with a generator seeded alike and ``columns`` picking the rank's functions, which
+    keep the Lanczos start vectors (and neuron sample) of the full computation: DDP logs what a single
+    process logs.
     """
 
     options: HessianOptions
     metrics: tuple[str, ...] = ("hessian_norm",)
     layers: list[tuple[Layer, str]] = field(default_factory=list, init=False)
+    _functions: dict[str, int] = field(default_factory=dict, init=False)  # key -> q (outputs / neurons)
 
     def setup(self, model: nn.Module, dtype: torch.dtype) -> None:
         self.layers = (
             _resolve_layers(model, self.options.layers, "hessian_norm") if self.options.layers else []
         )
+        self._functions = {}
 
     @property
     def point_limit(self) -> int | None:
         return self.options.num_points
 
-    def _norms(self, ctx: RoundContext, x: Tensor, layer: Layer | None) -> Tensor:
-        """(n, q) norms of the points ``x``, one point per call."""
-        opts = self.options
-        num_neurons = None if layer is None else opts.num_neurons
-        return torch.cat(
-            [
-                hessian_spectral_norm(
-                    ctx.model,
-                    x[i : i + 1],
-                    layer=layer,
-                    num_neurons=num_neurons,
-                    generator=ctx.generator(),
-                    tol=opts.tol,
-                    max_iter=opts.max_iter,
-                    method=opts.method,
-                )
-                for i in range(x.shape[0])
-            ]
-        )
+    def _keys(self) -> list[tuple[str, Layer | None]]:
+        return [("", None), *((name, layer) for layer, name in self.layers)]
+
+    def _num_functions(self, ctx: RoundContext, key: str, layer: Layer | None) -> int:
+        """q of ``key``: the model's outputs, or the neurons sampled in that layer (cached)."""
+        if key not in self._functions:
+            x = ctx.probe.x[:1]
+            with torch.no_grad():
+                if layer is None:
+                    q = evaluate(ctx.model, x).shape[1]
+                else:
+                    q = self.options.num_neurons  # more than the layer has: the metric says so
+                    if q is None:
+                        q = layer_output_model(ctx.model, layer)(trainable_parameters(ctx.model), x).shape[1]
+            self._functions[key] = q
+        return self._functions[key]
+
+    def _units(self, ctx: RoundContext) -> list[tuple[str, Layer | None, int, int]]:
+        """Every (key, layer, point, function) of the round, key by key, then point by point."""
+        n = self.num_points(len(ctx.probe))
+        return [
+            (key, layer, i, a)
+            for key, layer in self._keys()
+            for i in range(n)
+            for a in range(self._num_functions(ctx, key, layer))
+        ]
+
+    def num_units(self, ctx: RoundContext) -> int:
+        return len(self._units(ctx))
 
     def rows(self, ctx: RoundContext, share: slice) -> dict[str, Tensor]:
-        x = self.inputs(ctx)
-        rows = {"": evaluate_share(lambda xs: self._norms(ctx, xs, None), x, share)}
-        for layer, name in self.layers:
-            rows[name] = evaluate_share(lambda xs, layer=layer: self._norms(ctx, xs, layer), x, share)
-        return rows
+        opts, x = self.options, self.inputs(ctx)
+        norms = [x.new_zeros(0)]
+        for (_, layer, i), units in groupby(self._units(ctx)[share], key=lambda unit: unit[:3]):
+            value = hessian_spectral_norm(
+                ctx.model,
+                x[i : i + 1],
+                layer=layer,
+                num_neurons=None if layer is None else opts.num_neurons,
+                generator=ctx.generator(),
+                tol=opts.tol,
+                max_iter=opts.max_iter,
+                method=opts.method,
+                columns=[a for *_, a in units],
+            )
+            norms.append(value.flatten().to(x.dtype))
+        return {"norms": torch.cat(norms)}
 
     def values(self, ctx: RoundContext, rows: dict[str, Tensor]) -> dict[str, float]:
-        values = {}
-        for name, norms in rows.items():
-            suffix = f"/{name}" if name else ""
-            values[f"hessian_norm_max{suffix}"] = float(norms.max())
-            values[f"hessian_norm_mean{suffix}"] = float(norms.mean())
+        values, norms = {}, rows["norms"]
+        sizes = [self.num_points(len(ctx.probe)) * self._num_functions(ctx, k, l) for k, l in self._keys()]
+        for (key, _), part in zip(self._keys(), norms.split(sizes), strict=True):
+            suffix = f"/{key}" if key else ""
+            values[f"hessian_norm_max{suffix}"] = float(part.max())
+            values[f"hessian_norm_mean{suffix}"] = float(part.mean())
         return values
 
 

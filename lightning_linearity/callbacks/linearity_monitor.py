@@ -372,7 +372,7 @@ class LinearityMonitor(Callback):
 
     def _run_stage(self, strategy: Strategy, stage: Stage, ctx: RoundContext, step: int) -> dict[str, float]:
         """This rank's rows -> agree -> all-gather -> values -> agree; ``{}`` if the stage failed anywhere."""
-        n = stage.num_points(len(ctx.probe))
+        n = stage.num_units(ctx)
         share = probe_share(n, strategy.global_rank, strategy.world_size)
         names = ", ".join(stage.metrics)
         rows, error = self._attempt(stage, stage.rows, ctx, share)

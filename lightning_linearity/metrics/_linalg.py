@@ -135,6 +135,7 @@ def lanczos(
     tol: float = 1e-6,
     max_iter: int = 100,
     gram: BatchedMatvec | None = None,
+    start: Tensor | None = None,
 ) -> EigenResult:
     """Largest-magnitude eigenvalue of B symmetric operators by Lanczos with full reorthogonalisation.
 
@@ -166,6 +167,9 @@ def lanczos(
             structured Hessian runs in coordinates of a small subspace whose vectors are not orthonormal
             (:mod:`~lightning_linearity.metrics._structured_hessian`). G is applied once per step; the
             start vectors are random coordinate vectors normalised in this product.
+        start: (B, dim) start vectors (normalised here); default: B random unit vectors drawn from
+            ``generator``. Drawing them for a larger batch and passing a subset lets a caller compute any
+            subset of the elements with exactly the start vectors the whole batch would use.
 
     The small tridiagonal eigenproblems are solved in float64 on the CPU (one host sync per step, which
     the stopping test needs anyway).
@@ -178,11 +182,17 @@ def lanczos(
     def dual_of(v: Tensor) -> Tensor:
         return v if gram is None else gram(v, active_on_device)
 
-    q = random_unit_vectors(batch, dim, generator=generator, dtype=dtype, device=device)
+    if start is None:
+        q = random_unit_vectors(batch, dim, generator=generator, dtype=dtype, device=device)
+    elif start.shape != (batch, dim):
+        raise ValueError(f"start must have shape (batch, dim) = {(batch, dim)}, got {tuple(start.shape)}")
+    else:
+        q = start.to(device=device, dtype=dtype)
     q_dual = dual_of(q)
-    if gram is not None:
+    if gram is not None or start is not None:
         start_norm = _norm(q, q_dual)[:, None]
-        q, q_dual = q / start_norm, q_dual / start_norm
+        q = q / start_norm
+        q_dual = q if gram is None else q_dual / start_norm
     q_previous, beta = torch.zeros_like(q), torch.zeros(batch, dtype=dtype, device=device)  # q_0, beta_0
     basis = torch.empty(batch, min(steps, 16), dim, dtype=dtype, device=device)  # Q, grown on demand
     dual_basis = basis if gram is None else torch.empty_like(basis)  # G Q

@@ -22,7 +22,7 @@ both against dense Hessians.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -35,10 +35,10 @@ from lightning_linearity.metrics._functional import (
     check_differentiable,
     check_finite,
     evaluate,
+    functional_model,
     layer_output_model,
     num_parameters,
     resolve_layer,
-    single_input_model,
     trainable_parameters,
 )
 from lightning_linearity.metrics._layered import Method, check_method, structured_net
@@ -49,6 +49,7 @@ from lightning_linearity.metrics._linalg import (
     check_solver_options,
     chunk_slices,
     lanczos,
+    random_unit_vectors,
 )
 from lightning_linearity.metrics._structured_hessian import StructuredHessian, structured_hessian_blocker
 from lightning_linearity.nets.network import LayeredNTKNet
@@ -97,6 +98,7 @@ def hessian_spectral_norm(
     reduction: Reduction = "none",
     chunk_size: int | None = None,
     method: Method = "auto",
+    columns: Sequence[int] | None = None,
     return_info: bool = False,
 ) -> Tensor | tuple[Tensor, HessianInfo]:
     """||d^2 f_a(w; x_i) / dw^2||_2 for every probe point x_i and output a (MATH.md 2.4).
@@ -125,14 +127,18 @@ def hessian_spectral_norm(
             generator seeded with 0 (reproducible).
         tol: relative residual tolerance of Lanczos (> 0).
         max_iter: Lanczos steps (Hessian-vector products) per value, at most.
-        reduction: ``"none"`` -> (n, q) with q = k outputs or ``num_neurons``; ``"max"`` / ``"mean"`` over
-            all of them -> scalar.
+        reduction: ``"none"`` -> (n, q) with q = k outputs, ``num_neurons`` or ``len(columns)``;
+            ``"max"`` / ``"mean"`` over all of them -> scalar.
         chunk_size: probe points per batched Lanczos run. Memory grows like
             ``chunk_size * q * (Krylov size) * D`` numbers, D = P parameters on the generic path and
             2 R coordinates (R about 2 L m) on the structured one; ``None`` picks the largest chunk whose
             Krylov bases fit :data:`DEFAULT_KRYLOV_ELEMENTS` (at least one probe).
         method: ``"structured"`` (the package's networks with every weight trainable; ``ValueError``
             otherwise), ``"generic"`` (any module) or ``"auto"`` (structured when possible).
+        columns: compute only these of the q columns (output indices, or positions in the neuron sample),
+            in this order. Each column keeps the Lanczos start vector it has in the full computation, so
+            its value does not depend on the other columns: a DDP rank computes its share of the
+            (probe, output) pairs and gets what one process computing all of them gets.
         return_info: also return a :class:`HessianInfo`.
 
     Returns:
@@ -161,34 +167,43 @@ def hessian_spectral_norm(
         if layer is not None:
             neurons = _sample_neurons(q, num_neurons, generator).to(device)
             seed, q = seed[neurons], len(neurons)
+        selected = _check_columns(columns, q)
 
-        def solve(probes: Tensor) -> EigenResult:
-            operator = StructuredHessian(net, probes, top, seed)
-            return _lanczos(operator.matvec, operator.batch, operator.dim, operator.gram)
+        def problem(probes: Tensor) -> tuple[BatchedMatvec, BatchedMatvec | None, int]:
+            operator = StructuredHessian(net, probes, top, seed[selected.to(device)])
+            return operator.matvec, operator.gram, operator.dim
 
         dim = 2 * sum(layer.out_features + layer.in_features for layer in net.layers[:top])  # Q and G Q
     else:
         if layer is None:
-            f = single_input_model(model)
+            g = functional_model(model)
         else:
             g = layer_output_model(model, layer)
             with torch.no_grad():
                 layer_width = check_finite(g(params, x), f"the pre-activations of {layer_name}").shape[1]
             neurons = _sample_neurons(layer_width, num_neurons, generator).to(device)
             q = len(neurons)
+        selected = _check_columns(columns, q)
+        picked = selected.to(device) if neurons is None else neurons[selected.to(device)]
 
-            def f(p: Params, xi: Tensor) -> Tensor:
-                return g(p, xi.unsqueeze(0)).squeeze(0)[neurons]
+        def f(p: Params, xi: Tensor) -> Tensor:
+            return g(p, xi.unsqueeze(0)).squeeze(0)[picked]
 
-        def solve(probes: Tensor) -> EigenResult:
-            return _lanczos(hessian_operator(f, params, probes, q), probes.shape[0] * q, dim, None)
+        def problem(probes: Tensor) -> tuple[BatchedMatvec, BatchedMatvec | None, int]:
+            return hessian_operator(f, params, probes, len(picked)), None, num_parameters(params)
 
         dim = num_parameters(params)
 
-    def _lanczos(matvec: BatchedMatvec, batch: int, size: int, gram: BatchedMatvec | None) -> EigenResult:
+    def solve(probes: Tensor) -> EigenResult:
+        matvec, gram, size = problem(probes)
+        # the start vectors of all q functions, of which the selected ones: a value does not depend on
+        # which other columns are computed with it
+        b = probes.shape[0]
+        start = random_unit_vectors(b * total, size, generator=generator, dtype=dtype, device=device)
+        start = start.view(b, total, size)[:, selected.to(device)].reshape(-1, size)
         return lanczos(
             matvec,
-            batch,
+            start.shape[0],
             size,
             generator=generator,
             dtype=dtype,
@@ -196,8 +211,10 @@ def hessian_spectral_norm(
             tol=tol,
             max_iter=max_iter,
             gram=gram,
+            start=start,
         )
 
+    total, q = q, len(selected)
     if chunk_size is None:
         chunk_size = default_chunk_size(q, dim, max_iter)
     values, converged, num_hvps = [], [], 0
@@ -288,6 +305,20 @@ def hessian_operator(
         return batched_hvp(xs[active], selectors[active], v)
 
     return matvec
+
+
+def _check_columns(columns: Sequence[int] | None, q: int) -> Tensor:
+    """The selected columns as a long tensor (all q if ``None``); distinct integers in 0..q-1."""
+    if columns is None:
+        return torch.arange(q)
+    picked = list(columns)
+    if (
+        not picked
+        or any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < q for c in picked)
+        or len(set(picked)) != len(picked)
+    ):
+        raise ValueError(f"columns must be distinct integers in 0..{q - 1}, got {columns!r}")
+    return torch.tensor(picked, dtype=torch.long)
 
 
 def _sample_neurons(size: int, num_neurons: int | None, generator: torch.Generator) -> Tensor:

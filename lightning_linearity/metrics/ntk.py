@@ -35,6 +35,7 @@ Two paths compute the same numbers (the tests check both against an explicit Jac
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -126,20 +127,58 @@ def empirical_ntk(
 
 
 def _structured_ntk(net: LayeredNTKNet, x: Tensor, x2: Tensor | None, chunk_size: int | None) -> Tensor:
-    trace1 = trace_net(net, x)
-    k = net.out_features
-    identity = torch.eye(k, dtype=trace1.output.dtype, device=trace1.output.device)
-    deltas1 = backpropagate(net, trace1, net.depth + 1, identity)
-    if x2 is None:
-        trace2, deltas2 = trace1, deltas1
-    else:
-        trace2 = trace_net(net, x2)
-        deltas2 = backpropagate(net, trace2, net.depth + 1, identity)
-    n1, n2 = x.shape[0], trace2.output.shape[0]
-    kernel = trace1.output.new_zeros(n1, k, n2, k)
+    factors = structured_factors(net, x)
+    return structured_kernel(net, factors, None if x2 is None else structured_factors(net, x2), chunk_size)
+
+
+@dataclass(frozen=True)
+class NTKFactors:
+    """What the structured NTK needs of a set of n probe points, layer by layer (l = 1..L+1).
+
+    Attributes:
+        inputs: c_l, shape (n, in_l).
+        deltas: D_l[i, a, r] = d f_a(x_i) / d z_l[r], shape (n, k, m_l).
+
+    Under DDP each rank computes the factors of its probe points; gathered (as rows of :meth:`flatten`)
+    they give every rank the whole kernel for half the backward passes of computing it alone.
+    """
+
+    inputs: list[Tensor]
+    deltas: list[Tensor]
+
+    def flatten(self) -> Tensor:
+        """One row per probe point: every c_l and D_l of that point, concatenated."""
+        parts = [t.flatten(1) for pair in zip(self.inputs, self.deltas, strict=True) for t in pair]
+        return torch.cat(parts, dim=1)
+
+    @classmethod
+    def unflatten(cls, rows: Tensor, net: LayeredNTKNet) -> NTKFactors:
+        """The inverse of :meth:`flatten` for the layers of ``net``."""
+        k = net.out_features
+        sizes = [size for layer in net.layers for size in (layer.in_features, k * layer.out_features)]
+        parts = rows.split(sizes, dim=1)
+        deltas = [d.view(rows.shape[0], k, -1) for d in parts[1::2]]
+        return cls(list(parts[0::2]), deltas)
+
+
+def structured_factors(net: LayeredNTKNet, x: Tensor) -> NTKFactors:
+    """c_l and the deltas of the k outputs (one forward pass, one backward pass batched over outputs)."""
+    trace = trace_net(net, x)
+    identity = torch.eye(net.out_features, dtype=trace.output.dtype, device=trace.output.device)
+    return NTKFactors(trace.inputs, backpropagate(net, trace, net.depth + 1, identity))
+
+
+def structured_kernel(
+    net: LayeredNTKNet, factors: NTKFactors, factors2: NTKFactors | None = None, chunk_size: int | None = None
+) -> Tensor:
+    """K from the factors of ``x`` (and of ``x2`` for the cross kernel), per the module docstring."""
+    other = factors if factors2 is None else factors2
+    n1, k = factors.deltas[0].shape[:2]
+    n2 = other.deltas[0].shape[0]
+    kernel = factors.deltas[0].new_zeros(n1, k, n2, k)
     with torch.no_grad():
         for layer, c1, c2, d1, d2 in zip(
-            net.layers, trace1.inputs, trace2.inputs, deltas1, deltas2, strict=True
+            net.layers, factors.inputs, other.inputs, factors.deltas, other.deltas, strict=True
         ):
             weight, bias = trainable_flags(layer)
             if layer.mask is None:
@@ -148,9 +187,9 @@ def _structured_ntk(net: LayeredNTKNet, x: Tensor, x2: Tensor | None, chunk_size
             if bias:  # the bias is an unmasked input: its term has the unmasked form, C C^T = 0
                 _add_dense_layer_kernel(kernel, layer, c1, c2, d1, d2, False, True)
             if weight:
-                _add_masked_layer_kernel(kernel, layer, c1, c2, d1, d2, chunk_size, x2 is None)
+                _add_masked_layer_kernel(kernel, layer, c1, c2, d1, d2, chunk_size, factors2 is None)
     kernel = kernel.reshape(n1 * k, n2 * k)
-    if x2 is None:  # exact symmetry (the two triangles differ by rounding only)
+    if factors2 is None:  # exact symmetry (the two triangles differ by rounding only)
         kernel = 0.5 * (kernel + kernel.T)
     return kernel
 

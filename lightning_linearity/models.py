@@ -14,7 +14,7 @@ out_features = 1 (two classes, labels 0 and 1).
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from typing import Literal
+from typing import ClassVar, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -24,6 +24,7 @@ from torchmetrics import MeanSquaredError
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_linearity.nets import LayeredNTKNet
+from lightning_linearity.nets.network import Connectivity
 
 LossName = Literal["mse", "cross_entropy"]
 OptimizerName = Literal["sgd", "adam"]
@@ -164,7 +165,42 @@ class LinearityModule(pl.LightningModule):
         )
 
 
-class NTKFCN(LinearityModule):
+class _UniformNet(LinearityModule):
+    """A :class:`LayeredNTKNet` of the class's ``connectivity`` with ``depth`` layers of ``width``."""
+
+    connectivity: ClassVar[Connectivity]
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int = 1,
+        width: int = 512,
+        depth: int = 3,
+        activation: str = "tanh",
+        bias: bool = False,
+        widths: list[int] | None = None,
+        init_seed: int | None = None,
+        loss: LossName = "mse",
+        optimizer: OptimizerName = "sgd",
+        lr: float = 0.01,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+    ):
+        super().__init__(loss, optimizer, lr, momentum, weight_decay)
+        self.save_hyperparameters()
+        self.net = LayeredNTKNet(
+            in_features,
+            hidden_widths(width, depth, widths),
+            out_features,
+            connectivity=self.connectivity,
+            activation=activation,
+            bias=bias,
+            seed=init_seed,
+        )
+        self._init_metrics()
+
+
+class NTKFCN(_UniformNet):
     """Fully-connected NTK network (000 Eq. 8): ``depth`` hidden layers of ``width``, or explicit ``widths``.
 
     Args:
@@ -180,68 +216,16 @@ class NTKFCN(LinearityModule):
         loss, optimizer, lr, momentum, weight_decay: see :class:`LinearityModule`.
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int = 1,
-        width: int = 512,
-        depth: int = 3,
-        activation: str = "tanh",
-        bias: bool = False,
-        widths: list[int] | None = None,
-        init_seed: int | None = None,
-        loss: LossName = "mse",
-        optimizer: OptimizerName = "sgd",
-        lr: float = 0.01,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
-    ):
-        super().__init__(loss, optimizer, lr, momentum, weight_decay)
-        self.save_hyperparameters()
-        self.net = LayeredNTKNet.fcn(
-            in_features,
-            hidden_widths(width, depth, widths),
-            out_features,
-            activation=activation,
-            bias=bias,
-            seed=init_seed,
-        )
-        self._init_metrics()
+    connectivity = "chain"
 
 
-class NTKDenseNet(LinearityModule):
+class NTKDenseNet(_UniformNet):
     """DenseNet: every layer reads all earlier layers and the input (000 Appendix E, Eq. 37).
 
     Same arguments as :class:`NTKFCN`.
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int = 1,
-        width: int = 512,
-        depth: int = 3,
-        activation: str = "tanh",
-        bias: bool = False,
-        widths: list[int] | None = None,
-        init_seed: int | None = None,
-        loss: LossName = "mse",
-        optimizer: OptimizerName = "sgd",
-        lr: float = 0.01,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
-    ):
-        super().__init__(loss, optimizer, lr, momentum, weight_decay)
-        self.save_hyperparameters()
-        self.net = LayeredNTKNet.densenet(
-            in_features,
-            hidden_widths(width, depth, widths),
-            out_features,
-            activation=activation,
-            bias=bias,
-            seed=init_seed,
-        )
-        self._init_metrics()
+    connectivity = "dense"
 
 
 class MaskedDAGNet(LinearityModule):

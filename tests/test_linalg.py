@@ -15,13 +15,7 @@ from lightning_linearity.metrics._linalg import (
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These products are small: intra-op threads only add synchronisation (a lot on a busy 2-core CI box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dense_operator(matrices: torch.Tensor, calls: list[list[int]] | None = None):

@@ -92,7 +92,7 @@ def timed(call: Callable[[], Any], device: torch.device) -> tuple[Any, float, fl
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else proc_status_mib("VmHWM")
-    return result, seconds, None if before is None or peak is None else peak - before
+    return result, seconds, None if before is None or peak is None else max(0.0, peak - before)
 
 
 def print_header(*columns: str) -> None:

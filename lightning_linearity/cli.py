@@ -138,7 +138,7 @@ class LinearityCLI(LightningCLI):
         print(f"\nRun directory: {directory}\n  files: {', '.join(files) or '(none)'}")
         for callback in self.trainer.callbacks:
             if isinstance(callback, LinearityMonitor) and callback.history:
-                print(final_values_table(callback.history[-1]))
+                print(final_values_table(callback.history))
 
     def instantiate_classes(self) -> None:
         """Instantiate as usual; a constructor's rejection of its arguments becomes a :class:`UserError`."""
@@ -148,10 +148,18 @@ class LinearityCLI(LightningCLI):
             raise UserError(summarize_error(str(err))) from err
 
 
-def final_values_table(row: dict[str, float]) -> str:
-    """A markdown table of one metric round, e.g. ``| linearity/lambda_min | 0.0354 |``."""
-    lines = [f"\nLinearity metrics at step {int(row['step'])}:", "| metric | value |", "|---|---|"]
-    lines += [f"| {key} | {value:.6g} |" for key, value in row.items() if key != "step"]
+def final_values_table(history: list[dict[str, float]]) -> str:
+    """A markdown table of the last round, e.g. ``| linearity/lambda_min | 0.0354 |``; a metric measured
+    less often (``every_n_rounds``) shows its latest value with that round's step."""
+    step = int(history[-1]["step"])
+    latest: dict[str, tuple[float, int]] = {}
+    for row in history:
+        latest.update({key: (value, int(row["step"])) for key, value in row.items() if key != "step"})
+    lines = [f"\nLinearity metrics at step {step}:", "| metric | value |", "|---|---|"]
+    lines += [
+        f"| {key} | {value:.6g}{'' if at == step else f' (step {at})'} |"
+        for key, (value, at) in latest.items()
+    ]
     return "\n".join(lines)
 
 

@@ -147,6 +147,20 @@ def test_rounds_count_optimiser_steps_under_gradient_accumulation(tmp_path):
     assert t.global_step == 5
 
 
+def test_every_n_rounds_measures_a_costly_metric_less_often(tmp_path):
+    metrics = {"ntk": {}, "hessian_norm": {"max_iter": 10}}
+    monitor = make_monitor(metrics, every_n_steps=1, probe_size=8, every_n_rounds={"hessian_norm": 3})
+    t = trainer(tmp_path, [monitor], max_steps=7)
+    t.fit(fcn(), loader())
+    rounds = read_rounds(tmp_path / "metrics.csv")
+    assert sorted(rounds) == list(range(8))  # rounds 0..7: steps 0..7
+    with_hessian = [step for step, values in rounds.items() if "linearity/hessian_norm_max" in values]
+    assert with_hessian == [0, 3, 6]
+    assert all("linearity/lambda_min" in values for values in rounds.values())
+    assert monitor.settings()["every_n_rounds"] == {"hessian_norm": 3}
+    assert monitor.state_dict()["rounds"] == 8
+
+
 def test_foreign_module_gets_every_metric_through_the_generic_path(tmp_path):
     torch.manual_seed(0)
     model = ForeignMLP()
@@ -416,6 +430,8 @@ def test_nan_in_the_model_is_reported_once_and_never_raised(tmp_path):
         (dict(metrics={"hessian_norm": {"tol": -1.0}}), "tol must be a positive number"),
         (dict(probe_data=torch.randn(4, IN), probe_size=8), "probe_size=8 is larger than probe_data"),
         (dict(on_error="ignore"), "on_error must be 'warn' or 'raise'"),
+        (dict(metrics=["ntk"], every_n_rounds={"hessian_norm": 2}), "not among the requested metrics"),
+        (dict(every_n_rounds={"hessian_norm": 0}), r"every_n_rounds\['hessian_norm'\] must be an integer"),
     ],
 )
 def test_bad_arguments_raise_at_init(kwargs, match):

@@ -97,6 +97,48 @@ def test_symmetric_extremes_lanczos_converges_power_iteration_does_not():
     assert (power.eigenvalue.abs() < 5.0 - 1e-3).all()
 
 
+def test_lanczos_waits_for_both_ends_of_a_nearly_symmetric_spectrum():
+    # +1 converges first (the start vector is rich in it); -1.03, barely present at the start, emerges later.
+    # Stopping on the larger Ritz value alone would report 1.0 as the largest magnitude.
+    bulk = torch.linspace(-0.6, 0.6, 60, dtype=torch.float64)
+    spectrum = torch.cat([torch.tensor([1.0, -1.03], dtype=torch.float64), bulk])
+    matrix = torch.diag(spectrum).unsqueeze(0)
+    start = torch.cat([torch.tensor([1.0, 1e-4], dtype=torch.float64), torch.full((60,), 0.1)]).unsqueeze(0)
+    result = lanczos(
+        dense_operator(matrix), 1, 62, generator=torch.Generator(), dtype=torch.float64, device=CPU,
+        tol=1e-3, max_iter=62, start=start,
+    )  # fmt: skip
+    assert result.converged.all()
+    torch.testing.assert_close(
+        result.eigenvalue, torch.tensor([-1.03], dtype=torch.float64), rtol=1e-3, atol=0
+    )
+
+
+def test_start_vectors_and_a_gram_operator():
+    # A = G^-1 S with S symmetric is self-adjoint in <a, b> = a . G b; with G = R R^T (Cholesky) its
+    # eigenvalues are those of the symmetric R^-1 S R^-T
+    gen = torch.Generator().manual_seed(0)
+    c = torch.randn(6, 6, dtype=torch.float64, generator=gen) + 3 * torch.eye(6, dtype=torch.float64)
+    gram_matrix = c.T @ c
+    symmetric = random_symmetric(1, 6, seed=4)[0]
+    operator = torch.linalg.solve(gram_matrix, symmetric)
+    root = torch.linalg.cholesky(gram_matrix)
+    similar = torch.linalg.solve_triangular(
+        root, torch.linalg.solve_triangular(root, symmetric, upper=False).T, upper=False
+    )
+    expected = largest_magnitude(similar.unsqueeze(0))
+    result = lanczos(
+        dense_operator(operator.unsqueeze(0)), 1, 6, generator=torch.Generator().manual_seed(1),
+        dtype=torch.float64, device=CPU, tol=1e-10, max_iter=6, gram=dense_operator(gram_matrix.unsqueeze(0)),
+    )  # fmt: skip
+    torch.testing.assert_close(result.eigenvalue, expected, rtol=1e-8, atol=0)
+    with pytest.raises(ValueError, match="start must have shape"):
+        lanczos(
+            dense_operator(operator.unsqueeze(0)), 1, 6, generator=torch.Generator(), dtype=torch.float64,
+            device=CPU, start=torch.ones(2, 6, dtype=torch.float64),
+        )  # fmt: skip
+
+
 def test_power_iteration_converges_with_a_spectral_gap():
     spectra = torch.cat([torch.tensor([-6.0]), torch.linspace(-3, 3, 39)]).double().expand(2, -1)
     matrices = symmetric_with_spectrum(spectra, seed=4)

@@ -108,8 +108,7 @@ class LinearityMonitor(Callback):
             ``layers``, ``num_neurons``, ``method``; ``grad_cosines``: ``layers``, ``num_points``
             (default 8), ``num_neurons`` (default 32), ``method``, ``chunk_size``; ``linearization``:
             ``memory_budget_mb`` (see the option classes in :mod:`lightning_linearity.callbacks._stages`).
-            To measure a costly metric less often than the others, add a second monitor with it alone
-            and a longer ``every_n_steps``.
+            To measure a costly metric less often than the others, see ``every_n_rounds``.
         every_n_steps: a round every this many optimiser steps; ``None`` for none.
         every_n_epochs: a round at the end of every this many training epochs; ``None`` (default) for none.
         probe_size: number of probe points; default: all of ``probe_data``, else 32 training points.
@@ -126,6 +125,9 @@ class LinearityMonitor(Callback):
         progress_bar: show a one-line summary (``lmin``, ``dK``, ``H``, ``lin``) in the progress bar.
         plots: at the end of training write the report figures (curves, NTK spectrum at init and at the
             end) with :func:`lightning_linearity.plots.write_report`.
+        every_n_rounds: measure a metric only in every n-th round, e.g. ``{"hessian_norm": 4}`` for the
+            costliest one: rounds 0, 4, 8, ... (counted from the first, which always measures everything;
+            ``ntk`` and ``kernel_change`` share their kernel, so the smaller period serves both).
 
     Raises:
         MisconfigurationException: at init for an unknown metric or option, ``every_n_steps < 1``, a
@@ -152,6 +154,7 @@ class LinearityMonitor(Callback):
         on_error: Literal["warn", "raise"] = "warn",
         progress_bar: bool = False,
         plots: bool = True,
+        every_n_rounds: Mapping[str, int] | None = None,
     ) -> None:
         for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -180,6 +183,7 @@ class LinearityMonitor(Callback):
                 f"LinearityMonitor: on_error must be 'warn' or 'raise', got {on_error!r}"
             )
         self.options = parse_metrics(metrics)
+        self.every_n_rounds = _check_every_n_rounds(every_n_rounds, self.options)
         self.every_n_steps = every_n_steps
         self.every_n_epochs = every_n_epochs
         self.probe_size = probe_size
@@ -196,6 +200,7 @@ class LinearityMonitor(Callback):
         self.probe: ProbeSet | None = None
         self.history: list[dict[str, float]] = []
         self._last_step = -1
+        self._rounds = 0  # rounds run so far (for every_n_rounds)
         # per-fit working state
         self._enabled = True
         self._compute_dtype = torch.float32
@@ -227,6 +232,7 @@ class LinearityMonitor(Callback):
             "on_error": self.on_error,
             "progress_bar": self.progress_bar,
             "plots": self.plots,
+            "every_n_rounds": dict(self.every_n_rounds),
         }
 
     @property
@@ -247,7 +253,7 @@ class LinearityMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self.probe, self.history, self._last_step = None, [], -1
+        self.probe, self.history, self._last_step, self._rounds = None, [], -1, 0
         self._cast_model, self._targets, self._warned = None, None, set()
         for metric_stage in self._stages:
             metric_stage.reset()
@@ -333,6 +339,7 @@ class LinearityMonitor(Callback):
         return {
             "probe": None if self.probe is None else self.probe.state_dict(),
             "last_step": self._last_step,
+            "rounds": self._rounds,
             "history": self.history,
             "stages": {type(stage).__name__: stage.state_dict() for stage in self._stages},
         }
@@ -343,6 +350,7 @@ class LinearityMonitor(Callback):
         self.probe = None if probe is None else ProbeSet(probe["x"], probe["y"])
         self._last_step = int(state_dict["last_step"])
         self.history = list(state_dict["history"])
+        self._rounds = int(state_dict.get("rounds", len(self.history)))
         for stage in self._stages:
             stage_state = state_dict["stages"].get(type(stage).__name__)
             if stage_state is not None:
@@ -366,9 +374,15 @@ class LinearityMonitor(Callback):
                 return
             ctx = RoundContext(model, self.probe, self._targets, self.seed, take_references)
             for stage in self._stages:
-                values.update(self._run_stage(strategy, stage, ctx, step))
+                if take_references or self._rounds % self._stage_period(stage) == 0:
+                    values.update(self._run_stage(strategy, stage, ctx, step))
+            self._rounds += 1
         if values:
             self._publish(trainer, step, values)
+
+    def _stage_period(self, stage: Stage) -> int:
+        """A stage runs every this many rounds: the smallest ``every_n_rounds`` of its metrics."""
+        return min(self.every_n_rounds.get(name, 1) for name in stage.metrics)
 
     def _run_stage(self, strategy: Strategy, stage: Stage, ctx: RoundContext, step: int) -> dict[str, float]:
         """This rank's rows -> agree -> all-gather -> values -> agree; ``{}`` if the stage failed anywhere."""
@@ -519,3 +533,19 @@ def _check_strategy(strategy: Strategy) -> None:
             f"sharded strategies (FSDP, DeepSpeed, model parallel) split the parameters across ranks, while "
             f"the metrics differentiate the whole model on every rank. Use strategy='ddp' or one device."
         )
+
+
+def _check_every_n_rounds(periods: Mapping[str, int] | None, options: Mapping[str, Any]) -> dict[str, int]:
+    """``every_n_rounds`` as a dict; its keys must be requested metrics and its values integers >= 1."""
+    periods = dict(periods or {})
+    for name, period in periods.items():
+        if name not in options:
+            raise MisconfigurationException(
+                f"LinearityMonitor: every_n_rounds names {name!r}, which is not among the requested metrics "
+                f"{sorted(options)}"
+            )
+        if isinstance(period, bool) or not isinstance(period, int) or period < 1:
+            raise MisconfigurationException(
+                f"LinearityMonitor: every_n_rounds[{name!r}] must be an integer >= 1, got {period!r}"
+            )
+    return periods

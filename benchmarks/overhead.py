@@ -3,6 +3,7 @@
     python benchmarks/overhead.py                      # both parts with every metric (defaults)
     python benchmarks/overhead.py --part overhead --metrics ntk kernel_change grad_cosines linearization
     python benchmarks/overhead.py --part ddp --option hessian_norm.num_points=2
+    python benchmarks/overhead.py --part overhead --every-n-rounds hessian_norm=4
 
 Part 1 (overhead): the digits FCN example (NTKFCN, width 1024, depth 3, tanh, 10 outputs, square loss,
 SGD, batch 64) trained for ``--steps`` optimiser steps without the callback and with LinearityMonitor
@@ -91,8 +92,14 @@ def metric_options(args) -> dict[str, dict]:
 
 
 def monitor(args, every: int | None) -> TimedMonitor:
-    metrics = metric_options(args)
-    return TimedMonitor(metrics=metrics, every_n_steps=every, probe_size=args.probe_size, plots=False)
+    periods = {name: int(n) for name, n in (item.split("=", 1) for item in args.every_n_rounds)}
+    return TimedMonitor(
+        metrics=metric_options(args),
+        every_n_steps=every,
+        probe_size=args.probe_size,
+        plots=False,
+        every_n_rounds=periods,
+    )
 
 
 def digits(args) -> DigitsDataModule:
@@ -197,6 +204,7 @@ def ddp_split(args) -> None:
         command += ["--probe-size", str(args.probe_size), "--batch-size", str(args.batch_size)]
         command += ["--lr", str(args.lr), "--metrics", *args.metrics]
         command += [f"--option={option}" for option in args.option]
+        command += [f"--every-n-rounds={item}" for item in args.every_n_rounds]
         out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         runs.append(json.loads(next(line for line in out.splitlines() if line.startswith("ROUNDS "))[7:]))
         print(f"  {devices} rank(s): {runs[-1]}", file=sys.stderr, flush=True)
@@ -217,6 +225,9 @@ def main() -> None:
     parser.add_argument("--part", choices=("overhead", "ddp", "both"), default="both")
     parser.add_argument("--metrics", nargs="+", choices=METRICS, default=list(METRICS))
     parser.add_argument("--option", action="append", default=[], help="metric.name=value (repeatable)")
+    parser.add_argument(
+        "--every-n-rounds", action="append", default=[], help="metric=n: the monitor's every_n_rounds"
+    )
     parser.add_argument("--probe-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=200, help="optimiser steps of the part 1 runs")
     parser.add_argument("--every", type=int, default=50, help="every_n_steps of the monitor in part 1")
@@ -242,7 +253,8 @@ def main() -> None:
             f"torch {torch.__version__}, {args.threads} thread(s), NTKFCN width {WIDTH} depth {DEPTH}, digits"
         )
         print(
-            f"probe {args.probe_size}, metrics (callback defaults unless given here) {metric_options(args)}"
+            f"probe {args.probe_size}, metrics (callback defaults unless given here) {metric_options(args)}, "
+            f"every_n_rounds {args.every_n_rounds or 'none'}"
         )
         if args.part in ("overhead", "both"):
             overhead(args)

@@ -101,14 +101,32 @@ def backpropagate(net: LayeredNTKNet, trace: NetworkTrace, top: int, seed: Tenso
     ``top = L+1`` with the identity seed gives d f_a / d z_l for the NTK; ``top = l`` with rows of the
     identity gives the neuron Jacobians J_{l,k} = d z_l / d z_k of the cosine Gram (MATH.md section 3).
     """
+    return _backpropagate(net, trace, top, seed, keep_posts=False)[0]
+
+
+def backpropagate_with_posts(
+    net: LayeredNTKNet, trace: NetworkTrace, top: int, seed: Tensor
+) -> tuple[list[Tensor], list[Tensor]]:
+    """:func:`backpropagate`'s deltas D_1..D_top and the gradients G_j = dF/dh_j of the post-activations of
+    the hidden layers j = 1..top-1 it passes through (shape (n, q, m_j)), which the recursion forms anyway."""
+    return _backpropagate(net, trace, top, seed, keep_posts=True)
+
+
+def _backpropagate(
+    net: LayeredNTKNet, trace: NetworkTrace, top: int, seed: Tensor, keep_posts: bool
+) -> tuple[list[Tensor], list[Tensor]]:
     n = trace.inputs[0].shape[0]
     deltas: dict[int, Tensor] = {top: seed.expand(n, *seed.shape)}
     grad_post: dict[int, Tensor] = {}
+    posts: list[Tensor] = []
     with torch.no_grad():
         for l in range(top, 0, -1):
             if l < top:
                 z = trace.preactivations[l - 1]
-                deltas[l] = grad_post.pop(l) * net.activation.derivative(z).unsqueeze(1)
+                post = grad_post.pop(l)
+                deltas[l] = post * net.activation.derivative(z).unsqueeze(1)
+                if keep_posts:
+                    posts.append(post)
             layer = net.layers[l - 1]
             scaled = layer.effective_weight() * layer.in_degree.rsqrt().to(seed.dtype).unsqueeze(1)
             for j, cols in source_columns(net, l):
@@ -116,7 +134,7 @@ def backpropagate(net: LayeredNTKNet, trace: NetworkTrace, top: int, seed: Tenso
                     continue
                 contribution = deltas[l] @ scaled[:, cols]
                 grad_post[j] = grad_post[j] + contribution if j in grad_post else contribution
-    return [deltas[l] for l in range(1, top + 1)]
+    return [deltas[l] for l in range(1, top + 1)], posts[::-1]
 
 
 def trainable_flags(layer: NTKLinear) -> tuple[bool, bool]:

@@ -40,7 +40,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_linearity.metrics._layered import backpropagate, source_columns, trace_net, trainable_flags
+from lightning_linearity.metrics._layered import (
+    backpropagate_with_posts,
+    source_columns,
+    trace_net,
+    trainable_flags,
+)
 from lightning_linearity.nets.network import LayeredNTKNet
 
 
@@ -57,6 +62,11 @@ def structured_hessian_blocker(net: LayeredNTKNet, top: int) -> str | None:
             f"but {', '.join(frozen)} {'has' if len(frozen) == 1 else 'have'} frozen parameters"
         )
     return None
+
+
+def coordinate_count(net: LayeredNTKNet, top: int) -> int:
+    """R = sum_{l <= top} (m_l + n_l), the number of coordinates (u_l, y_l) of the subspace."""
+    return sum(layer.out_features + layer.in_features for layer in net.layers[:top])
 
 
 @dataclass(frozen=True)
@@ -98,12 +108,12 @@ class StructuredHessian:
     def __init__(self, net: LayeredNTKNet, x: Tensor, top: int, seed: Tensor):
         trace = trace_net(net, x)
         repeat = seed.shape[0]
-        deltas = backpropagate(net, trace, top, seed)  # (n, q, m_l) each
-        self.top, self.layers, self.sizes = top, [], []
+        deltas, posts = backpropagate_with_posts(net, trace, top, seed)  # (n, q, m_l) each
+        post = [g.flatten(0, 1) for g in posts]  # g_l = dF/dh_l for the hidden layers below top
+        self.top, self.layers = top, []
         with torch.no_grad():
             scales = [layer.in_degree.rsqrt().to(x.dtype) for layer in net.layers[:top]]
             qs = [d.flatten(0, 1) * s for d, s in zip(deltas, scales, strict=True)]
-            post = self._post_gradients(net, top, qs)
             for l in range(1, top + 1):
                 layer = net.layers[l - 1]
                 c, q = trace.inputs[l - 1].repeat_interleave(repeat, dim=0), qs[l - 1]
@@ -122,21 +132,10 @@ class StructuredHessian:
                 rows = _Rows(c, q, c_energy, q_energy, slope, curvature, post[l - 1] if l < top else None)
                 sources = [(j, cols) for j, cols in source_columns(net, l) if j >= 1]
                 self.layers.append(_Layer(layer.effective_weight(), scales[l - 1], mask, sources, rows))
-                self.sizes += [layer.out_features, layer.in_features]
-        self.dim = sum(self.sizes)
+        self.sizes = [size for layer in net.layers[:top] for size in (layer.out_features, layer.in_features)]
+        self.dim = coordinate_count(net, top)
         self.batch = x.shape[0] * repeat
         self._selected: tuple[Tensor, list[_Rows]] | None = None
-
-    @staticmethod
-    def _post_gradients(net: LayeredNTKNet, top: int, qs: list[Tensor]) -> list[Tensor]:
-        """g_j = dF/dh_j for j = 1..top-1: the sum over the layers l reading h_j of (W̃_l^T q_l)[cols]."""
-        post = [qs[0].new_zeros(qs[0].shape[0], width) for width in net.hidden_widths[: top - 1]]
-        for l in range(2, top + 1):
-            pulled = qs[l - 1] @ net.layers[l - 1].effective_weight()
-            for j, cols in source_columns(net, l):
-                if j >= 1:
-                    post[j - 1] += pulled[:, cols]
-        return post
 
     def _rows(self, active: Tensor) -> list[_Rows]:
         """Each layer's rows of the ``active`` elements (cached: Lanczos passes one tensor per active set)."""

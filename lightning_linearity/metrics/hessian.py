@@ -51,7 +51,11 @@ from lightning_linearity.metrics._linalg import (
     lanczos,
     random_unit_vectors,
 )
-from lightning_linearity.metrics._structured_hessian import StructuredHessian, structured_hessian_blocker
+from lightning_linearity.metrics._structured_hessian import (
+    StructuredHessian,
+    coordinate_count,
+    structured_hessian_blocker,
+)
 from lightning_linearity.nets.network import LayeredNTKNet
 
 Reduction = Literal["none", "max", "mean"]
@@ -159,21 +163,20 @@ def hessian_spectral_norm(
     layer_name, neurons = None, None
     if layer is not None:
         _, layer_name = resolve_layer(model, layer)
-    net = _structured_path(model, layer, method)
+    net, top = _structured_path(model, layer, method)
     if net is not None:
-        top = net.depth + 1 if layer is None else net.resolve_hidden_layer(layer)
         q = net.out_features if layer is None else net.hidden_widths[top - 1]
         seed = torch.eye(q, dtype=dtype, device=device)
         if layer is not None:
             neurons = _sample_neurons(q, num_neurons, generator).to(device)
             seed, q = seed[neurons], len(neurons)
-        selected = _check_columns(columns, q)
+        selected = _check_columns(columns, q).to(device)
 
         def problem(probes: Tensor) -> tuple[BatchedMatvec, BatchedMatvec | None, int]:
-            operator = StructuredHessian(net, probes, top, seed[selected.to(device)])
+            operator = StructuredHessian(net, probes, top, seed[selected])
             return operator.matvec, operator.gram, operator.dim
 
-        dim = 2 * sum(layer.out_features + layer.in_features for layer in net.layers[:top])  # Q and G Q
+        dim = 2 * coordinate_count(net, top)  # Lanczos keeps Q and G Q
     else:
         if layer is None:
             g = functional_model(model)
@@ -183,8 +186,8 @@ def hessian_spectral_norm(
                 layer_width = check_finite(g(params, x), f"the pre-activations of {layer_name}").shape[1]
             neurons = _sample_neurons(layer_width, num_neurons, generator).to(device)
             q = len(neurons)
-        selected = _check_columns(columns, q)
-        picked = selected.to(device) if neurons is None else neurons[selected.to(device)]
+        selected = _check_columns(columns, q).to(device)
+        picked = selected if neurons is None else neurons[selected]
 
         def f(p: Params, xi: Tensor) -> Tensor:
             return g(p, xi.unsqueeze(0)).squeeze(0)[picked]
@@ -200,7 +203,7 @@ def hessian_spectral_norm(
         # which other columns are computed with it
         b = probes.shape[0]
         start = random_unit_vectors(b * total, size, generator=generator, dtype=dtype, device=device)
-        start = start.view(b, total, size)[:, selected.to(device)].reshape(-1, size)
+        start = start.view(b, total, size)[:, selected].reshape(-1, size)
         return lanczos(
             matvec,
             start.shape[0],
@@ -251,18 +254,21 @@ def hessian_spectral_norm(
     return values, HessianInfo(num_hvps, converged, max_iter, float(tol), layer_name, neurons, path)
 
 
-def _structured_path(model: nn.Module, layer: int | str | None, method: Method) -> LayeredNTKNet | None:
-    """The network for the structured products, or ``None`` for the generic path (see ``method``)."""
+def _structured_path(
+    model: nn.Module, layer: int | str | None, method: Method
+) -> tuple[LayeredNTKNet | None, int]:
+    """The network for the structured products and the index ``top`` of the differentiated layer, or
+    ``(None, 0)`` for the generic path (see ``method``)."""
     if method == "generic":
-        return None
+        return None, 0
     net = structured_net(model, required=method == "structured")
     if net is None:
-        return None
+        return None, 0
     top = net.depth + 1 if layer is None else net.resolve_hidden_layer(layer)
     reason = structured_hessian_blocker(net, top)
     if reason is not None and method == "structured":
         raise ValueError(f"method='structured' cannot handle this model: {reason}. Use method='generic'.")
-    return None if reason is not None else net
+    return (None, 0) if reason is not None else (net, top)
 
 
 def default_chunk_size(num_outputs: int, num_params: int, max_iter: int) -> int:

@@ -396,6 +396,20 @@ def test_a_failing_metric_warns_once_and_training_continues(tmp_path, monkeypatc
     assert all("linearity/lambda_min" in v and "linearity/hessian_norm_max" not in v for v in rounds.values())
 
 
+def test_a_failure_while_planning_the_split_only_warns(tmp_path, monkeypatch):
+    # the Hessian stage evaluates the model to count its outputs before computing any norm
+    def broken_evaluate(model, x):
+        raise ValueError("broken forward")
+
+    monkeypatch.setattr(_stages, "evaluate", broken_evaluate)
+    monitor = make_monitor(["ntk", "hessian_norm"], every_n_steps=1, probe_size=8)
+    with pytest.warns(UserWarning, match="hessian_norm failed at step 0 on rank 0"):
+        trainer(tmp_path, [monitor], max_steps=2).fit(fcn(), loader())
+    rounds = read_rounds(tmp_path / "metrics.csv")
+    assert sorted(rounds) == [0, 1, 2]
+    assert all("linearity/lambda_min" in v and "linearity/hessian_norm_max" not in v for v in rounds.values())
+
+
 def test_on_error_raise_stops_training(tmp_path, monkeypatch):
     monkeypatch.setattr(_stages, "hessian_spectral_norm", broken_hessian)
     monitor = make_monitor(["hessian_norm"], every_n_steps=1, probe_size=8, on_error="raise")

@@ -386,12 +386,16 @@ class LinearityMonitor(Callback):
 
     def _run_stage(self, strategy: Strategy, stage: Stage, ctx: RoundContext, step: int) -> dict[str, float]:
         """This rank's rows -> agree -> all-gather -> values -> agree; ``{}`` if the stage failed anywhere."""
-        n = stage.num_units(ctx)
-        share = probe_share(n, strategy.global_rank, strategy.world_size)
+
+        def share_rows(ctx: RoundContext) -> tuple[int, dict[str, Tensor]]:
+            n = stage.num_units(ctx)  # may evaluate the model: a failure here is the stage's failure
+            return n, stage.rows(ctx, probe_share(n, strategy.global_rank, strategy.world_size))
+
         names = ", ".join(stage.metrics)
-        rows, error = self._attempt(stage, stage.rows, ctx, share)
+        result, error = self._attempt(stage, share_rows, ctx)
         if not self._agreed(strategy, names, error, step):
             return {}
+        n, rows = result
         rows = {key: gather_rows(strategy, value, n) for key, value in rows.items()}
         values, error = self._attempt(stage, stage.values, ctx, rows)
         if not self._agreed(strategy, names, error, step):

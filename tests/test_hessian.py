@@ -134,7 +134,8 @@ def test_the_larger_end_of_a_nearly_symmetric_spectrum_is_found(method):
     net = LayeredNTKNet.fcn(16, [64] * 3, 1, activation="tanh", seed=0)
     x = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))[:1]
     value = hessian_spectral_norm(net, x, tol=1e-3, max_iter=300, method=method)
-    reference = hessian_spectral_norm(net.double(), x.double(), tol=1e-10, max_iter=300)
+    # reference: the torch.func products in float64 at a tight tolerance
+    reference = hessian_spectral_norm(net.double(), x.double(), tol=1e-10, max_iter=300, method="generic")
     torch.testing.assert_close(value.double(), reference, rtol=2e-3, atol=0)
     assert abs(reference.item() - 0.32514) < 1e-4
 

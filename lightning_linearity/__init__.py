@@ -8,6 +8,6 @@ Public API: the NTK-parameterised LightningModules :class:`NTKFCN`, :class:`NTKD
 from lightning_linearity.callbacks import LinearityMonitor
 from lightning_linearity.models import NTKFCN, LinearityModule, MaskedDAGNet, NTKDenseNet
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["NTKFCN", "LinearityModule", "LinearityMonitor", "MaskedDAGNet", "NTKDenseNet", "__version__"]

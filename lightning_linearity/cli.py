@@ -2,7 +2,9 @@
 
 Usage::
 
-    lightning-linearity fit --config configs/fcn_digits.yaml [--trainer.max_steps 50] [--print_config]
+    lightning-linearity fit --config fcn_digits [--trainer.max_steps 50] [--print_config]
+    lightning-linearity fit --config path/to/your.yaml
+    lightning-linearity --version
     lightning-linearity validate|test|predict --config ... --ckpt_path ...
     lightning-linearity sweep ...                     # width sweeps, see lightning_linearity.sweep
 
@@ -26,6 +28,7 @@ or by full import path for yours. Differences from a bare ``LightningCLI``:
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import inspect
 import os
@@ -34,18 +37,27 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from jsonargparse import ArgumentError
-from lightning_fabric.utilities.exceptions import MisconfigurationException
-from pytorch_lightning import Callback, LightningDataModule, LightningModule, Trainer
-from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from pytorch_lightning.loggers import Logger
 
 # Imported for their side effect too: subclasses known to Python can be named by their short class name.
 import lightning_linearity.callbacks
 import lightning_linearity.data
 import lightning_linearity.models  # noqa: F401
+from lightning_linearity import __version__
+from lightning_linearity._compat import MISCONFIGURATION, PRIMARY
 from lightning_linearity.callbacks import LinearityMonitor
+from lightning_linearity.configs import resolve_args
 from lightning_linearity.plots import report_dir
+
+# The command runs on the preferred installed namespace (lightning.pytorch, else pytorch_lightning); the
+# package's classes belong to both, so configs name them, and Lightning's loggers, by short class name.
+_lightning_cli = importlib.import_module(f"{PRIMARY.__name__}.cli")
+LightningArgumentParser = _lightning_cli.LightningArgumentParser
+LightningCLI = _lightning_cli.LightningCLI
+SaveConfigCallback = _lightning_cli.SaveConfigCallback
+Callback, Logger = PRIMARY.Callback, PRIMARY.loggers.Logger
+LightningDataModule, LightningModule = PRIMARY.LightningDataModule, PRIMARY.LightningModule
 
 PROG = "lightning-linearity"
 #: Environment variable that makes :func:`main` re-raise expected errors with their traceback.
@@ -63,7 +75,7 @@ KEY_BASES: dict[str, type] = {
     "trainer.logger": Logger,
 }
 TRAINER_DEFAULTS = {
-    "logger": {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
+    "logger": {"class_path": f"{PRIMARY.__name__}.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
 }
 DESCRIPTION = (
     "Train and evaluate wide networks while watching them transition to linearity (NTK, PL*, Hessian "
@@ -85,7 +97,7 @@ class RunConfigCallback(SaveConfigCallback):
     def __init__(self, parser: LightningArgumentParser, config: Any, **kwargs: Any) -> None:
         super().__init__(parser, config, **{**kwargs, "save_to_log_dir": False})
 
-    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+    def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
         directory = report_dir(trainer)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / self.config_filename
@@ -144,7 +156,7 @@ class LinearityCLI(LightningCLI):
         """Instantiate as usual; a constructor's rejection of its arguments becomes a :class:`UserError`."""
         try:
             super().instantiate_classes()
-        except (ValueError, TypeError, FileNotFoundError, MisconfigurationException) as err:
+        except (ValueError, TypeError, FileNotFoundError, *MISCONFIGURATION) as err:
             raise UserError(summarize_error(str(err))) from err
 
 
@@ -177,7 +189,7 @@ def known_classes(base: type) -> list[str]:
     while stack:
         cls = stack.pop()
         stack.extend(cls.__subclasses__())
-        ours = cls.__module__.startswith(("lightning_linearity", "pytorch_lightning.loggers"))
+        ours = cls.__module__.startswith(("lightning_linearity", f"{PRIMARY.__name__}.loggers"))
         if ours and not cls.__name__.startswith("_") and not inspect.isabstract(cls):
             found.append(cls)
     leaves = [cls for cls in found if not any(other is not cls and issubclass(other, cls) for other in found)]
@@ -237,7 +249,7 @@ def _expected_error(err: BaseException) -> str | None:
     """The one-line report of an error that is the user's to fix (bad input, missing files, W&B account),
     ``None`` for any other error (a bug: its traceback is wanted)."""
     first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    if isinstance(err, UserError | FileNotFoundError | MisconfigurationException):
+    if isinstance(err, (UserError, FileNotFoundError, *MISCONFIGURATION)):
         return first_line
     if type(err).__module__.startswith("wandb.errors"):
         return f"W&B: {first_line} (to log without an account: WANDB_MODE=offline)"
@@ -251,12 +263,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     goes to :class:`LinearityCLI`.
     """
     args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] in (["--version"], ["-V"]):
+        print(f"{PROG} {__version__} (torch {torch.__version__}, {PRIMARY.__name__} {PRIMARY.__version__})")
+        return 0
     if args[:1] == ["sweep"]:
         from lightning_linearity.sweep import main as sweep_main
 
         return sweep_main(args[1:])
     try:
-        LinearityCLI(args=None if argv is None else args)
+        args = resolve_args(args, "fit")
+    except ValueError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        LinearityCLI(args=args)
     except ArgumentError as err:
         if os.environ.get(TRACEBACK_ENV):
             raise

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
-from pytorch_lightning.loggers import WandbLogger
+from lightning_linearity._compat import classes
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
 
 #: Run-config / hyperparameter key under which the monitor's settings are stored.
 SETTINGS_KEY = "linearity_monitor"
@@ -50,7 +52,7 @@ def prepare_loggers(trainer: pl.Trainer, settings: Mapping[str, Any]) -> None:
     """Define the ``linearity/`` x-axis and record the monitor's ``settings`` in every logger of ``trainer``.
 
     Call on rank 0 only (W&B's ``experiment`` is a dummy on other ranks anyway). Works with no logger,
-    CSV, TensorBoard, W&B and any other :class:`~pytorch_lightning.loggers.Logger`.
+    CSV, TensorBoard, W&B and any other ``Logger`` of ``lightning.pytorch`` or ``pytorch_lightning``.
 
     Args:
         trainer: the trainer whose ``loggers`` are prepared.
@@ -59,7 +61,7 @@ def prepare_loggers(trainer: pl.Trainer, settings: Mapping[str, Any]) -> None:
     """
     params = {SETTINGS_KEY: plain_settings(settings)}
     for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):
+        if isinstance(logger, classes("loggers.WandbLogger")):
             run = logger.experiment
             run.define_metric(STEP_METRIC)
             for prefix in METRIC_PREFIXES:

@@ -16,13 +16,13 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 from typing import ClassVar, Literal
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import MeanSquaredError
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_linearity._compat import LightningModule
 from lightning_linearity.nets import LayeredNTKNet
 from lightning_linearity.nets.network import Connectivity
 
@@ -42,7 +42,7 @@ def hidden_widths(width: int, depth: int, widths: Sequence[int] | None) -> list[
     return [width] * depth
 
 
-class LinearityModule(pl.LightningModule):
+class LinearityModule(LightningModule):
     """Base LightningModule around a :class:`LayeredNTKNet` stored as ``self.net``.
 
     Args:

@@ -23,14 +23,18 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pytorch_lightning as pl
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+
+from lightning_linearity._compat import classes
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
 
 PREFIX = "linearity/"
 #: Prefix of the report images in W&B and TensorBoard.
@@ -211,7 +215,7 @@ def report_dir(trainer: pl.Trainer) -> Path:
     if not trainer.loggers:
         return Path(trainer.default_root_dir)
     logger = trainer.loggers[0]
-    if isinstance(logger, CSVLogger | TensorBoardLogger):
+    if isinstance(logger, classes("loggers.CSVLogger") + classes("loggers.TensorBoardLogger")):
         return Path(logger.log_dir)
     if logger.save_dir is None:
         return Path(trainer.default_root_dir)
@@ -226,9 +230,9 @@ def _log_figures(trainer: pl.Trainer, figures: Mapping[str, Figure], paths: Mapp
     for logger in trainer.loggers:
         for name, fig in figures.items():
             tag = f"{IMAGE_PREFIX}{name}"
-            if isinstance(logger, WandbLogger):
+            if isinstance(logger, classes("loggers.WandbLogger")):
                 logger.log_image(tag, [str(paths[name])], step=step, caption=[CAPTIONS[name]])
-            elif isinstance(logger, TensorBoardLogger):
+            elif isinstance(logger, classes("loggers.TensorBoardLogger")):
                 logger.experiment.add_figure(tag, fig, global_step=step, close=False)
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 from jsonargparse import ArgumentError
-from pytorch_lightning.loggers import CSVLogger
 
+from lightning_linearity._compat import PRIMARY
 from lightning_linearity.cli import TRACEBACK_ENV, LinearityCLI, _expected_error, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,7 +117,7 @@ def test_in_features_follow_the_data_and_csv_is_the_default_logger():
     )
 
     assert cli.model.hparams.in_features == 7
-    assert isinstance(cli.trainer.logger, CSVLogger) and Path(cli.trainer.logger.save_dir) == Path("runs")
+    assert isinstance(cli.trainer.logger, PRIMARY.loggers.CSVLogger) and Path(cli.trainer.logger.save_dir) == Path("runs")
 
 
 def test_tensorboard_selected_on_the_command_line_gets_scalars_and_images(tmp_path):

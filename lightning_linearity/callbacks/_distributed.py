@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from pytorch_lightning.strategies import Strategy
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from lightning.pytorch.strategies import Strategy
 
 
 def probe_share(n: int, rank: int, world_size: int) -> slice:

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
+
+from lightning_linearity._compat import MisconfigurationException
 
 ProbeSelection = Literal["first", "random"]
 PROBE_SELECTIONS: tuple[str, ...] = ("first", "random")

@@ -31,9 +31,9 @@ from itertools import groupby
 from typing import Any, Literal
 
 import torch
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
+from lightning_linearity._compat import MisconfigurationException
 from lightning_linearity.callbacks._probe import ProbeSet
 from lightning_linearity.metrics._functional import (
     as_layered_net,

@@ -14,18 +14,15 @@ import importlib
 import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks.callback import Callback
-from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy, Strategy
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
-from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_linearity._compat import Callback, MisconfigurationException, classes
 from lightning_linearity.callbacks._distributed import agree, gather_rows, probe_share
 from lightning_linearity.callbacks._isolation import training_untouched
 from lightning_linearity.callbacks._probe import (
@@ -45,6 +42,10 @@ from lightning_linearity.callbacks._stages import (
     parse_metrics,
 )
 from lightning_linearity.metrics._functional import as_layered_net, evaluate
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+    from lightning.pytorch.strategies import Strategy
 
 #: Every logged key starts with this prefix (one section in W&B and TensorBoard).
 PREFIX = "linearity/"
@@ -529,9 +530,8 @@ class LinearityMonitor(Callback):
 
 def _check_strategy(strategy: Strategy) -> None:
     """Single-device and DDP strategies only: the metrics need every parameter, whole, on every rank."""
-    if isinstance(strategy, DeepSpeedStrategy) or not isinstance(
-        strategy, SingleDeviceStrategy | DDPStrategy
-    ):
+    supported = classes("strategies.SingleDeviceStrategy") + classes("strategies.DDPStrategy")
+    if isinstance(strategy, classes("strategies.DeepSpeedStrategy")) or not isinstance(strategy, supported):
         raise MisconfigurationException(
             f"LinearityMonitor supports single-device and DDP strategies, not {type(strategy).__name__}: "
             f"sharded strategies (FSDP, DeepSpeed, model parallel) split the parameters across ranks, while "

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pytorch_lightning import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 from typing_extensions import override
 
+from lightning_linearity._compat import LightningDataModule
 from lightning_linearity.data._preprocess import check_int
 
 Task = Literal["classification", "regression"]

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
+from lightning_linearity._compat import MisconfigurationException
 from lightning_linearity.callbacks.linearity_monitor import LinearityMonitor
 from lightning_linearity.sweeps.collect import check_metric_specs, curve_specs, monitor_metrics
 from lightning_linearity.sweeps.fit import CI_METHODS, MIN_WIDTHS

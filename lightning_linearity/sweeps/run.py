@@ -9,7 +9,8 @@ For a :class:`~lightning_linearity.sweeps.config.RunSpec` at width m and seed s:
    L = 1/2 sum_i ||f(w; x_i) - y_i||^2, gradient descent in the linearised model is stable for
    eta < 2 / lambda_max(K); close to that edge the loss first grows and the kernel moves by O(1) at any
    width (the "catapult" regime), which would spoil a width scaling.
-3. A ``pytorch_lightning.Trainer`` runs full-batch gradient descent (SGD without momentum) with a
+3. A Lightning ``Trainer`` (``lightning.pytorch``, else ``pytorch_lightning``) runs full-batch gradient
+   descent (SGD without momentum) with a
    :class:`~lightning_linearity.callbacks.LinearityMonitor` (metric rounds at step 0, every
    ``every_n_steps`` and at the end) and :class:`GradientDescentControl` (records L(w_t), stops once it is
    below ``loss_threshold``, or before the first step in mode ``"init"``).
@@ -32,10 +33,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Callback
 from typing_extensions import override
 
+from lightning_linearity._compat import PRIMARY as pl
+from lightning_linearity._compat import Callback
 from lightning_linearity.callbacks.linearity_monitor import LinearityMonitor
 from lightning_linearity.data import DigitsDataModule, GaussianDataModule
 from lightning_linearity.metrics.ntk import empirical_ntk

@@ -84,6 +84,14 @@ class ForeignMLP(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.02, momentum=0.9)
 
 
+class OneLayer(ForeignMLP):
+    """A foreign model without a hidden layer: one nn.Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(IN, OUT)
+
+
 def make_monitor(*args, **kwargs) -> LinearityMonitor:
     """A monitor without the report figures at the end of training (tested once, below): they cost time."""
     kwargs.setdefault("plots", False)
@@ -458,17 +466,47 @@ def test_bad_arguments_raise_at_init(kwargs, match):
     [
         (fcn, dict(metrics={"grad_cosines": {"layers": [3]}}), "unknown hidden layer 3"),
         (ForeignMLP, dict(metrics={"grad_cosines": {"layers": ["net.9"]}}), "unknown layer 'net.9'"),
-        (ForeignMLP, dict(metrics=["grad_cosines"]), "needs the layers named"),
+        (OneLayer, dict(metrics=["grad_cosines"]), "has no hidden nn.Linear / nn.Conv layer"),
         (ForeignMLP, dict(metrics={"hessian_norm": {"layers": ["head"]}}), "unknown layer 'head'"),
         (fcn, dict(metrics={"linearization": {"memory_budget_mb": 0.001}}), "over memory_budget_mb=0.001"),
         (fcn, dict(probe_size=N + 1), f"probe_size={N + 1} is larger than the training data"),
     ],
 )
 def test_bad_configuration_raises_before_the_first_step(make_model, kwargs, match, tmp_path):
-    t = trainer(tmp_path, [LinearityMonitor(**kwargs)], max_steps=2, logger=False)
+    t = trainer(tmp_path, [LinearityMonitor(**kwargs, on_error="raise")], max_steps=2, logger=False)
     with pytest.raises(MisconfigurationException, match=match):
         t.fit(make_model(), loader())
     assert t.global_step == 0
+
+
+@pytest.mark.parametrize(
+    "make_model, metrics, match",
+    [
+        (fcn, {"grad_cosines": {"layers": [3]}, "ntk": {}}, "unknown hidden layer 3"),
+        (OneLayer, {"grad_cosines": {}, "ntk": {}}, "has no hidden nn.Linear / nn.Conv layer"),
+        (fcn, {"linearization": {"memory_budget_mb": 0.001}, "ntk": {}}, "over memory_budget_mb=0.001"),
+    ],
+)
+def test_a_metric_that_does_not_fit_the_model_is_turned_off(make_model, metrics, match, tmp_path):
+    """on_error="warn" (the default): the mismatched metric is off for the run with a warning; the others
+    and training go on."""
+    monitor = make_monitor(metrics, every_n_steps=1, probe_size=8)
+    with pytest.warns(UserWarning, match=match):
+        trainer(tmp_path, [monitor], max_steps=2, logger=False).fit(make_model(), loader())
+    assert [row["step"] for row in monitor.history] == [0, 1, 2]
+    assert all("linearity/lambda_min" in row for row in monitor.history)
+    off = {"grad_cosines": "grad_cosine/", "linearization": "linearization_error"}
+    assert not any(off[m] in key for m in metrics if m in off for row in monitor.history for key in row)
+
+
+def test_default_cosine_layers_of_a_foreign_model_are_its_hidden_linear_layers(tmp_path):
+    monitor = make_monitor(["grad_cosines"], every_n_steps=1, probe_size=4)
+    trainer(tmp_path, [monitor], max_steps=1).fit(ForeignMLP(), loader())
+    assert monitor.settings()["metrics"]["grad_cosines"]["layers"] == ["net.0", "net.3"]
+    assert {key for key in monitor.history[-1] if "grad_cosine" in key} == {
+        "linearity/grad_cosine/net.0",
+        "linearity/grad_cosine/net.3",
+    }
 
 
 def test_sharded_strategies_are_refused_at_setup():

@@ -36,7 +36,6 @@ from torch import Tensor, nn
 from lightning_linearity._compat import MisconfigurationException
 from lightning_linearity.callbacks._probe import ProbeSet
 from lightning_linearity.metrics._functional import (
-    as_layered_net,
     check_finite,
     evaluate,
     layer_output_model,
@@ -45,7 +44,7 @@ from lightning_linearity.metrics._functional import (
     trainable_parameters,
 )
 from lightning_linearity.metrics._layered import Method, check_method, structured_net
-from lightning_linearity.metrics.cosines import neuron_gradient_cosines
+from lightning_linearity.metrics.cosines import hidden_layers, neuron_gradient_cosines
 from lightning_linearity.metrics.hessian import hessian_spectral_norm
 from lightning_linearity.metrics.kernel_change import relative_kernel_change
 from lightning_linearity.metrics.linearization import linearization_error
@@ -99,17 +98,16 @@ def _check_positive_int(name: str, value: Any, allow_none: bool = True) -> None:
 
 
 def _resolve_layers(model: nn.Module, layers: Sequence[Layer] | None, metric: str) -> list[tuple[Layer, str]]:
-    """``(layer, display name)`` for each requested layer; ``None`` means every hidden layer of our nets."""
+    """``(layer, display name)`` for each requested layer; ``None`` chooses them (:func:`hidden_layers`)."""
     if layers is None:
-        net = as_layered_net(model)
-        if net is None:
+        layers = hidden_layers(model)
+        if not layers:
             names = [name for name, _ in model.named_modules() if name]
             raise MisconfigurationException(
-                f"{metric} on {type(model).__name__} (not one of the package's networks) needs the layers "
-                f"named: {metric}={{'layers': [...]}} with submodules whose outputs are pre-activations, "
-                f"out of {names}"
+                f"{metric}: {type(model).__name__} has no hidden nn.Linear / nn.Conv layer to choose; name "
+                f"the layers, {metric}={{'layers': [...]}}, with submodules whose outputs are "
+                f"pre-activations, out of {names}"
             )
-        layers = list(range(1, net.depth + 1))
     resolved = []
     for layer in layers:
         try:
@@ -295,6 +293,10 @@ class Stage(ABC):
 
     def setup(self, model: nn.Module, dtype: torch.dtype) -> None:  # noqa: B027 (optional hook)
         """Check the options against the model before training; raise ``MisconfigurationException``."""
+
+    def chosen_options(self) -> dict[str, dict[str, Any]]:
+        """Options the stage chose itself at setup (``{metric: {option: value}}``), for the run config."""
+        return {}
 
     @property
     def point_limit(self) -> int | None:
@@ -524,6 +526,11 @@ class Cosines(Stage):
 
     def setup(self, model: nn.Module, dtype: torch.dtype) -> None:
         self.layers = _resolve_layers(model, self.options.layers, "grad_cosines")
+
+    def chosen_options(self) -> dict[str, dict[str, Any]]:
+        if self.options.layers is not None:
+            return {}
+        return {"grad_cosines": {"layers": [layer for layer, _ in self.layers]}}
 
     @property
     def point_limit(self) -> int | None:

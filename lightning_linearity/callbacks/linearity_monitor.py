@@ -196,6 +196,7 @@ class LinearityMonitor(Callback):
         self.plots = plots
         self._given_probe = None if probe_data is None else explicit_probe(probe_data, probe_size)
         self._stages: list[Stage] = build_stages(self.options)
+        self._active: list[Stage] = list(self._stages)  # those that passed their setup in this fit
 
         # state of the current run (reset at setup, restored by load_state_dict)
         self.probe: ProbeSet | None = None
@@ -221,8 +222,12 @@ class LinearityMonitor(Callback):
             probe_size, probe_data = len(self._given_probe), f"given: {len(self._given_probe)} points"
         else:
             probe_size, probe_data = self.probe_size or DEFAULT_PROBE_SIZE, None
+        metrics = options_settings(self.options)
+        for stage in self._active:  # what a stage chose itself (e.g. the cosines' layers) at setup
+            for name, chosen in stage.chosen_options().items():
+                metrics[name].update(chosen)
         return {
-            "metrics": options_settings(self.options),
+            "metrics": metrics,
             "every_n_steps": self.every_n_steps,
             "every_n_epochs": self.every_n_epochs,
             "probe_size": probe_size,
@@ -268,8 +273,7 @@ class LinearityMonitor(Callback):
         else:
             self._compute_dtype = torch.float64 if str(trainer.precision).startswith("64") else torch.float32
         model = self._measured_module(pl_module)
-        for metric_stage in self._stages:
-            metric_stage.setup(model, self._compute_dtype)
+        self._active = [stage for stage in self._stages if self._set_up(stage, model)]
         if trainer.is_global_zero:
             self._guarded(
                 "preparing the loggers",
@@ -278,6 +282,21 @@ class LinearityMonitor(Callback):
                 trainer,
                 self.settings(),
             )
+
+    def _set_up(self, stage: Stage, model: nn.Module) -> bool:
+        """Check a stage against the model; a mismatch (a layer that is not there, a budget exceeded) is
+        fatal under ``on_error="raise"``, else a warning that turns the stage's metrics off for this fit."""
+        try:
+            stage.setup(model, self._compute_dtype)
+        except Exception as err:
+            if self.on_error == "raise":
+                raise
+            rank_zero_warn(
+                f"LinearityMonitor: {', '.join(stage.metrics)} is off for this run: {err} "
+                f"(training continues; on_error='warn')"
+            )
+            return False
+        return True
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -294,7 +313,7 @@ class LinearityMonitor(Callback):
                 )
             self.probe = self.probe.to(device, self._compute_dtype)
             self._targets = self._encode_targets(pl_module)
-        missing = [name for stage in self._stages if stage.missing_reference() for name in stage.metrics]
+        missing = [name for stage in self._active if stage.missing_reference() for name in stage.metrics]
         if missing and trainer.global_step > 0:
             rank_zero_warn(
                 f"LinearityMonitor: training resumes at step {trainer.global_step} without the references "
@@ -374,7 +393,7 @@ class LinearityMonitor(Callback):
             if not self._agreed(strategy, "the round", error, step):
                 return
             ctx = RoundContext(model, self.probe, self._targets, self.seed, take_references)
-            for stage in self._stages:
+            for stage in self._active:
                 if take_references or self._rounds % self._stage_period(stage) == 0:
                     values.update(self._run_stage(strategy, stage, ctx, step))
             self._rounds += 1

@@ -37,6 +37,7 @@ from torch.func import jacrev, vmap
 
 from lightning_linearity.metrics._functional import (
     Params,
+    as_layered_net,
     check_chunk_size,
     check_finite,
     check_probes,
@@ -58,9 +59,36 @@ from lightning_linearity.metrics.ntk import DEFAULT_CHUNK_ELEMENTS, blocked_jaco
 from lightning_linearity.nets.layers import NTKLinear
 from lightning_linearity.nets.network import LayeredNTKNet
 
-__all__ = ["neuron_gradient_cosines"]
+__all__ = ["PREACTIVATION_MODULES", "hidden_layers", "neuron_gradient_cosines"]
 
 Reduction = Literal["mean", "none"]
+
+#: Module types whose output is a pre-activation (an affine map of the module's input): on a foreign model,
+#: a neuron is one output entry of such a module (docs/math.md 2.7).
+PREACTIVATION_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def hidden_layers(model: nn.Module, max_layers: int = 4) -> list[int | str]:
+    """The hidden layers whose neuron-gradient cosines are measured when none are named.
+
+    The package's networks: every hidden layer 1..L. Any other model: the submodules of type
+    :data:`PREACTIVATION_MODULES` that have trainable parameters, in registration order, without the last
+    one (taken as the output layer); more than ``max_layers`` of them are thinned to ``max_layers`` evenly
+    spaced ones (the first and the last hidden kept), since each layer costs a per-neuron Jacobian on the
+    generic path. Returns ``[]`` when the model has no such hidden layer.
+    """
+    net = as_layered_net(model)
+    if net is not None:
+        return list(range(1, net.depth + 1))
+    hidden = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, PREACTIVATION_MODULES) and any(p.requires_grad for p in module.parameters())
+    ][:-1]
+    if len(hidden) <= max_layers:
+        return list(hidden)
+    picks = sorted({round(i * (len(hidden) - 1) / (max_layers - 1)) for i in range(max_layers)})
+    return [hidden[i] for i in picks]
 
 
 def neuron_gradient_cosines(

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from lightning_linearity._compat import classes
+from lightning_linearity.keys import IMAGE_PREFIX, PREFIX
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -28,7 +29,7 @@ SETTINGS_KEY = "linearity_monitor"
 #: W&B x-axis of every ``linearity/`` key; Lightning's WandbLogger adds it to each logged row.
 STEP_METRIC = "trainer/global_step"
 #: Key prefixes that get :data:`STEP_METRIC` as x-axis in W&B: the metrics and the report images.
-METRIC_PREFIXES = ("linearity", "linearity_plots")
+METRIC_PREFIXES = (PREFIX.rstrip("/"), IMAGE_PREFIX.rstrip("/"))
 
 
 def plain_settings(value: Any) -> Any:

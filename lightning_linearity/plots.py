@@ -32,31 +32,11 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from lightning_linearity._compat import classes
+from lightning_linearity.keys import COSINE_GROUP, GROUPS, IMAGE_PREFIX, PREFIX, group_of, is_plotted
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-PREFIX = "linearity/"
-#: Prefix of the report images in W&B and TensorBoard.
-IMAGE_PREFIX = "linearity_plots/"
-#: Metric group holding the per-layer neuron-gradient cosines, ``linearity/grad_cosine/layer_<l>``.
-COSINE_GROUP = "grad_cosine"
-#: Keys ending in one of these are drawn on the axes of their stem (``hessian_norm_max`` -> ``hessian_norm``).
-SUMMARY_SUFFIXES = ("min", "max", "mean", "median", "std")
-#: Panel titles of the metric groups the monitor logs, in MATH.md's order (panels follow it; groups not
-#: listed come after, titled by their name).
-TITLES = {
-    "lambda": "NTK eigenvalues  λ(K)",
-    "condition_number": "NTK condition number  λ_max / λ_min",
-    "ntk_trace": "NTK trace  tr K",
-    "pl_ratio": "‖∇L‖² / (2L)  (PL*: ≥ λ_min)",
-    "kernel_change": "relative kernel change  ‖K_t - K_0‖ / ‖K_0‖",
-    "hessian_norm": "Hessian spectral norm  ‖H_f‖₂",
-    COSINE_GROUP: "mean |cos| of neuron gradients",
-    "linearization_error": "linearisation error  |f - f_lin|",
-    "linearization_error_relative": "relative linearisation error  |f - f_lin| / |f - f_0|",
-    "distance_from_init": "distance from init  ‖w_t - w_0‖",
-}
 #: Figure titles, also the captions of the logged images.
 CAPTIONS = {
     "linearity_curves": "Transition to linearity: metrics on the probe set during training",
@@ -73,23 +53,9 @@ def _natural_key(text: str) -> list[int | str]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
-def _group_of(name: str) -> tuple[str, str]:
-    """``(group, label)`` of a metric name without the prefix.
-
-    ``lambda_min`` -> (lambda, min); ``grad_cosine/layer_2`` -> (grad_cosine, layer_2);
-    ``hessian_norm_max/layer_2`` -> (hessian_norm, max layer_2);
-    ``kernel_change`` -> (kernel_change, kernel_change).
-    """
-    base, _, sub = name.partition("/")
-    stem, _, suffix = base.rpartition("_")
-    if not (stem and suffix in SUMMARY_SUFFIXES):
-        stem, suffix = base, ""
-    return stem, " ".join(part for part in (suffix, sub) if part) or base
-
-
 def _panel_order(group: str) -> tuple[int, list[int | str]]:
-    """Known groups in :data:`TITLES` order, then the others by name."""
-    known = list(TITLES)
+    """Known groups in the registry's order (:data:`~lightning_linearity.keys.GROUPS`), then the others."""
+    known = list(GROUPS)
     return (known.index(group) if group in known else len(known), _natural_key(group))
 
 
@@ -134,7 +100,9 @@ def curves_figure(history: Sequence[Mapping[str, float]]) -> Figure | None:
     """Every ``linearity/`` metric against the global step, one panel per group; ``None`` without data."""
     groups: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
     for key, line in metric_series(history).items():
-        group, label = _group_of(key[len(PREFIX) :])
+        if not is_plotted(key[len(PREFIX) :]):
+            continue
+        group, label = group_of(key[len(PREFIX) :])
         groups.setdefault(group, {})[label] = line
     if not groups:
         return None
@@ -144,7 +112,8 @@ def curves_figure(history: Sequence[Mapping[str, float]]) -> Figure | None:
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, group in zip(axes, sorted(groups, key=_panel_order), strict=False):
         _draw_lines(ax, groups[group])
-        ax.set_title(TITLES.get(group, group.replace("_", " ")), fontsize="medium")
+        title = GROUPS[group].title if group in GROUPS else group.replace("_", " ")
+        ax.set_title(title, fontsize="medium")
     for ax in axes[len(groups) :]:
         ax.remove()
     fig.suptitle(CAPTIONS["linearity_curves"])

@@ -9,9 +9,9 @@ import pytest
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 
+from lightning_linearity.keys import GROUPS
 from lightning_linearity.plots import (
     CAPTIONS,
-    TITLES,
     cosines_figure,
     curves_figure,
     metric_series,
@@ -92,18 +92,18 @@ def test_curves_group_related_keys_and_choose_the_y_scale():
     fig = curves_figure(synthetic_history())
     by_title = panels(fig)
 
-    lam = by_title[TITLES["lambda"]]
+    lam = by_title[GROUPS["lambda"].title]
     assert sorted(text.get_text() for text in lam.get_legend().get_texts()) == ["max", "min"]
     assert lam.get_yscale() == "log"  # lambda_min falls by three decades
-    hessian = by_title[TITLES["hessian_norm"]]
+    hessian = by_title[GROUPS["hessian_norm"].title]
     assert sorted(line.get_label() for line in hessian.get_lines()) == ["max", "mean"]
     assert hessian.get_yscale() == "linear"  # 0.2 .. 0.33: a log axis would be unreadable
-    assert by_title[TITLES["kernel_change"]].get_yscale() == "linear"  # starts at 0
-    cosines = by_title[TITLES["grad_cosine"]]
+    assert by_title[GROUPS["kernel_change"].title].get_yscale() == "linear"  # starts at 0
+    cosines = by_title[GROUPS["grad_cosine"].title]
     assert [line.get_label() for line in cosines.get_lines()] == ["layer 1", "layer 2", "layer 10"]
     # panels follow MATH.md's order
     assert [ax.get_title() for ax in fig.axes] == [
-        TITLES[group] for group in ("lambda", "kernel_change", "hessian_norm", "grad_cosine")
+        GROUPS[group].title for group in ("lambda", "kernel_change", "hessian_norm", "grad_cosine")
     ]
     assert fig.get_suptitle() == CAPTIONS["linearity_curves"]
 

@@ -33,6 +33,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_linearity import keys
 from lightning_linearity._compat import MisconfigurationException
 from lightning_linearity.callbacks._probe import ProbeSet
 from lightning_linearity.metrics._functional import (
@@ -397,20 +398,18 @@ class Kernel(Stage):
         values: dict[str, float] = {}
         if self.ntk is not None:
             spectrum = kernel_spectrum(kernel)
-            values.update(
-                lambda_min=float(spectrum.lambda_min),
-                lambda_max=float(spectrum.lambda_max),
-                condition_number=float(spectrum.condition_number),
-                ntk_trace=float(spectrum.trace),
-            )
+            values[keys.LAMBDA_MIN] = float(spectrum.lambda_min)
+            values[keys.LAMBDA_MAX] = float(spectrum.lambda_max)
+            values[keys.CONDITION_NUMBER] = float(spectrum.condition_number)
+            values[keys.NTK_TRACE] = float(spectrum.trace)
             if self.ntk.pl_ratio and ctx.targets is not None:
-                values["pl_ratio"] = float(pl_ratio(ctx.model, ctx.probe.x, ctx.targets))
+                values[keys.PL_RATIO] = float(pl_ratio(ctx.model, ctx.probe.x, ctx.targets))
         if self.change is not None:
             if self.reference is None:
                 raise ValueError("K_0 is unknown: the round at the start of training did not compute it")
             change = float(relative_kernel_change(kernel, self.reference.to(kernel), ord=self.change.ord))
             self.change_max = max(self.change_max, change)
-            values.update(kernel_change=change, kernel_change_max=self.change_max)
+            values[keys.KERNEL_CHANGE], values[keys.KERNEL_CHANGE_MAX] = change, self.change_max
         return values
 
     def missing_reference(self) -> bool:
@@ -510,8 +509,8 @@ class Hessian(Stage):
         sizes = [self.num_points(len(ctx.probe)) * self._num_functions(ctx, k, l) for k, l in self._keys()]
         for (key, _), part in zip(self._keys(), norms.split(sizes), strict=True):
             suffix = f"/{key}" if key else ""
-            values[f"hessian_norm_max{suffix}"] = float(part.max())
-            values[f"hessian_norm_mean{suffix}"] = float(part.mean())
+            values[keys.HESSIAN_NORM_MAX + suffix] = float(part.max())
+            values[keys.HESSIAN_NORM_MEAN + suffix] = float(part.mean())
         return values
 
 
@@ -556,7 +555,7 @@ class Cosines(Stage):
         }
 
     def values(self, ctx: RoundContext, rows: dict[str, Tensor]) -> dict[str, float]:
-        return {f"grad_cosine/{name}": float(per_probe.mean()) for name, per_probe in rows.items()}
+        return {keys.cosine_key(name): float(per_probe.mean()) for name, per_probe in rows.items()}
 
 
 @dataclass
@@ -591,10 +590,10 @@ class Linearization(Stage):
         }  # after a resume
         error = linearization_error(ctx.model, self.params_0, ctx.probe.x)
         return {
-            "linearization_error_mean": float(error.mean_abs),
-            "linearization_error_max": float(error.max_abs),
-            "linearization_error_relative": float(error.relative),
-            "distance_from_init": float(error.distance),
+            keys.LINEARIZATION_ERROR_MEAN: float(error.mean_abs),
+            keys.LINEARIZATION_ERROR_MAX: float(error.max_abs),
+            keys.LINEARIZATION_ERROR_RELATIVE: float(error.relative),
+            keys.DISTANCE_FROM_INIT: float(error.distance),
         }
 
     def missing_reference(self) -> bool:

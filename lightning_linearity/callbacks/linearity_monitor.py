@@ -41,25 +41,15 @@ from lightning_linearity.callbacks._stages import (
     options_settings,
     parse_metrics,
 )
+from lightning_linearity.keys import PREFIX, PROGRESS_BAR_KEY, SUMMARY_KEYS
 from lightning_linearity.metrics._functional import as_layered_net, evaluate
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
     from lightning.pytorch.strategies import Strategy
 
-#: Every logged key starts with this prefix (one section in W&B and TensorBoard).
-PREFIX = "linearity/"
-#: Key of the one-line summary in the progress bar (``progress_bar=True``).
-PROGRESS_BAR_KEY = "linearity"
 #: Metrics measured when ``metrics`` is not given (``linearization`` keeps a copy of w_0: opt in).
 DEFAULT_METRICS = ("ntk", "kernel_change", "hessian_norm", "grad_cosines")
-#: (logged key, short name) shown in the progress-bar summary when present.
-SUMMARY_KEYS = (
-    ("lambda_min", "lmin"),
-    ("kernel_change", "dK"),
-    ("hessian_norm_max", "H"),
-    ("linearization_error_max", "lin"),
-)
 
 
 class LinearityMonitor(Callback):

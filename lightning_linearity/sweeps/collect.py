@@ -40,7 +40,8 @@ from typing import Any
 
 import numpy as np
 
-PREFIX = "linearity/"
+from lightning_linearity import keys
+
 LOSS_KEY = "train/loss"
 REDUCTIONS = ("init", "last", "max", "min")
 #: The monitor metric that every training run measures, for the step-size diagnostics (lambda_max(K_t)).
@@ -61,11 +62,16 @@ def _key_series(key: str) -> Series:
     return series
 
 
+def _monitor_series(name: str) -> Series:
+    """The values of one key the monitor logs (``name`` without the ``linearity/`` prefix)."""
+    return _key_series(keys.logged(name))
+
+
 def _ratio_series(numerator: str, denominator: str) -> Series:
     """numerator_t / denominator_t over the rounds that logged both."""
 
     def series(history: History, layer: str) -> list[tuple[int, float]]:
-        a, b = PREFIX + numerator, PREFIX + denominator
+        a, b = keys.logged(numerator), keys.logged(denominator)
         return [(row["step"], row[a] / row[b]) for row in history if a in row and b in row]
 
     return series
@@ -73,7 +79,7 @@ def _ratio_series(numerator: str, denominator: str) -> Series:
 
 def _retained_series(key: str) -> Series:
     """value_t / value_0 of one logged key."""
-    values = _key_series(PREFIX + key)
+    values = _monitor_series(key)
 
     def series(history: History, layer: str) -> list[tuple[int, float]]:
         points = values(history, layer)
@@ -102,29 +108,29 @@ class Quantity:
 
 
 QUANTITIES: dict[str, Quantity] = {
-    "lambda_min": Quantity("ntk", _key_series(PREFIX + "lambda_min"), "min"),
-    "lambda_max": Quantity("ntk", _key_series(PREFIX + "lambda_max"), "max"),
-    "condition_number": Quantity("ntk", _key_series(PREFIX + "condition_number"), "max"),
-    "ntk_trace": Quantity("ntk", _key_series(PREFIX + "ntk_trace"), "last"),
-    "pl_ratio": Quantity("ntk", _key_series(PREFIX + "pl_ratio"), "min"),
-    "pl_margin": Quantity("ntk", _ratio_series("pl_ratio", "lambda_min"), "min"),
-    "lambda_min_retained": Quantity("ntk", _retained_series("lambda_min"), "min"),
+    "lambda_min": Quantity("ntk", _monitor_series(keys.LAMBDA_MIN), "min"),
+    "lambda_max": Quantity("ntk", _monitor_series(keys.LAMBDA_MAX), "max"),
+    "condition_number": Quantity("ntk", _monitor_series(keys.CONDITION_NUMBER), "max"),
+    "ntk_trace": Quantity("ntk", _monitor_series(keys.NTK_TRACE), "last"),
+    "pl_ratio": Quantity("ntk", _monitor_series(keys.PL_RATIO), "min"),
+    "pl_margin": Quantity("ntk", _ratio_series(keys.PL_RATIO, keys.LAMBDA_MIN), "min"),
+    "lambda_min_retained": Quantity("ntk", _retained_series(keys.LAMBDA_MIN), "min"),
     "kernel_change": Quantity(
-        "kernel_change", _key_series(PREFIX + "kernel_change"), "max", needs_training=True
+        "kernel_change", _monitor_series(keys.KERNEL_CHANGE), "max", needs_training=True
     ),
-    "hessian_norm": Quantity("hessian_norm", _key_series(PREFIX + "hessian_norm_max"), "last"),
-    "hessian_norm_mean": Quantity("hessian_norm", _key_series(PREFIX + "hessian_norm_mean"), "last"),
+    "hessian_norm": Quantity("hessian_norm", _monitor_series(keys.HESSIAN_NORM_MAX), "last"),
+    "hessian_norm_mean": Quantity("hessian_norm", _monitor_series(keys.HESSIAN_NORM_MEAN), "last"),
     "grad_cosine": Quantity(
-        "grad_cosines", _key_series(PREFIX + "grad_cosine/{layer}"), "last", per_layer=True
+        "grad_cosines", _monitor_series(keys.cosine_key("{layer}")), "last", per_layer=True
     ),
     "linearization_error": Quantity(
-        "linearization", _key_series(PREFIX + "linearization_error_max"), "max", needs_training=True
+        "linearization", _monitor_series(keys.LINEARIZATION_ERROR_MAX), "max", needs_training=True
     ),
     "linearization_error_relative": Quantity(
-        "linearization", _key_series(PREFIX + "linearization_error_relative"), "max", needs_training=True
+        "linearization", _monitor_series(keys.LINEARIZATION_ERROR_RELATIVE), "max", needs_training=True
     ),
     "distance_from_init": Quantity(
-        "linearization", _key_series(PREFIX + "distance_from_init"), "last", needs_training=True
+        "linearization", _monitor_series(keys.DISTANCE_FROM_INIT), "last", needs_training=True
     ),
     "loss": Quantity(None, _key_series(LOSS_KEY), "last", needs_training=True),
 }

@@ -35,6 +35,7 @@ from typing import Any
 
 from typing_extensions import override
 
+from lightning_linearity import keys
 from lightning_linearity._compat import PRIMARY as pl
 from lightning_linearity._compat import Callback
 from lightning_linearity.callbacks.linearity_monitor import LinearityMonitor
@@ -44,7 +45,6 @@ from lightning_linearity.metrics.pl import kernel_spectrum
 from lightning_linearity.models import NTKFCN, LinearityModule, MaskedDAGNet, NTKDenseNet
 from lightning_linearity.sweeps.collect import (
     LOSS_KEY,
-    PREFIX,
     check_metric_specs,
     collect,
 )
@@ -191,7 +191,8 @@ def execute_run(spec: RunSpec) -> tuple[dict[str, Any], list[dict[str, float]]]:
         [*monitor.history, *({"step": t, LOSS_KEY: loss} for t, loss in control.losses)],
         key=lambda row: row["step"],
     )
-    lambda_maxes = [row[PREFIX + "lambda_max"] for row in monitor.history if PREFIX + "lambda_max" in row]
+    key = keys.logged(keys.LAMBDA_MAX)
+    lambda_maxes = [row[key] for row in monitor.history if key in row]
     final_loss = control.losses[-1][1] if control.losses else float("nan")
     if not training:
         status = "init"

@@ -119,6 +119,12 @@ def group_of(name: str) -> tuple[str, str]:
     return stem, " ".join(part for part in (suffix, sub) if part) or base
 
 
+def is_timing(name: str) -> bool:
+    """Whether ``name`` (with or without the prefix) is a wall-time record rather than a measurement."""
+    name = name.removeprefix(PREFIX)
+    return name == OVERHEAD or name.startswith(SECONDS_GROUP + "/")
+
+
 def is_plotted(name: str) -> bool:
     """Whether the report's curves draw the key ``name`` (timings are not drawn)."""
     group = GROUPS.get(group_of(name)[0])

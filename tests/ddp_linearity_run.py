@@ -23,6 +23,7 @@ from pytorch_lightning.strategies import DDPStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_linearity.callbacks import LinearityMonitor, _stages
+from lightning_linearity.keys import is_timing
 from lightning_linearity.models import NTKFCN
 
 NUM_POINTS = 16
@@ -65,11 +66,16 @@ def inject_fault(rank: int, step: int) -> None:
 
 
 def read_rounds(metrics_csv: Path) -> dict[int, dict[str, float]]:
-    """``{step: {key: value}}`` of the ``linearity/`` values in a CSVLogger's ``metrics.csv``."""
+    """``{step: {key: value}}`` of the ``linearity/`` measurements in a CSVLogger's ``metrics.csv`` (without
+    the rounds' wall times, which differ from run to run)."""
     rounds: dict[int, dict[str, float]] = {}
     with open(metrics_csv, newline="") as f:
         for row in csv.DictReader(f):
-            values = {k: float(v) for k, v in row.items() if k.startswith("linearity/") and v != ""}
+            values = {
+                k: float(v)
+                for k, v in row.items()
+                if k.startswith("linearity/") and v != "" and not is_timing(k)
+            }
             if values:
                 rounds.setdefault(int(row["step"]), {}).update(values)
     return rounds

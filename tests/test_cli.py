@@ -117,7 +117,8 @@ def test_in_features_follow_the_data_and_csv_is_the_default_logger():
     )
 
     assert cli.model.hparams.in_features == 7
-    assert isinstance(cli.trainer.logger, PRIMARY.loggers.CSVLogger) and Path(cli.trainer.logger.save_dir) == Path("runs")
+    assert isinstance(cli.trainer.logger, PRIMARY.loggers.CSVLogger)
+    assert Path(cli.trainer.logger.save_dir) == Path("runs")
 
 
 def test_tensorboard_selected_on_the_command_line_gets_scalars_and_images(tmp_path):

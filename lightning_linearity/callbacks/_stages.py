@@ -291,6 +291,8 @@ class Stage(ABC):
 
     #: the metric names this stage serves, as the user wrote them
     metrics: tuple[str, ...]
+    #: the stage's name in logged timings, ``seconds/<name>``
+    name: str = ""
 
     def setup(self, model: nn.Module, dtype: torch.dtype) -> None:  # noqa: B027 (optional hook)
         """Check the options against the model before training; raise ``MisconfigurationException``."""
@@ -353,6 +355,7 @@ class Kernel(Stage):
     ntk: NTKOptions | None
     change: KernelChangeOptions | None
     metrics: tuple[str, ...] = field(init=False)
+    name: str = "kernel"
     reference: Tensor | None = field(default=None, init=False)  # K_0
     latest: Tensor | None = field(default=None, init=False)  # K of the last round
     change_max: float = field(default=0.0, init=False)
@@ -443,6 +446,7 @@ class Hessian(Stage):
 
     options: HessianOptions
     metrics: tuple[str, ...] = ("hessian_norm",)
+    name: str = "hessian_norm"
     layers: list[tuple[Layer, str]] = field(default_factory=list, init=False)
     _functions: dict[str, int] = field(default_factory=dict, init=False)  # key -> q (outputs / neurons)
 
@@ -521,6 +525,7 @@ class Cosines(Stage):
 
     options: CosineOptions
     metrics: tuple[str, ...] = ("grad_cosines",)
+    name: str = "grad_cosines"
     layers: list[tuple[Layer, str]] = field(default_factory=list, init=False)
 
     def setup(self, model: nn.Module, dtype: torch.dtype) -> None:
@@ -565,6 +570,7 @@ class Linearization(Stage):
 
     options: LinearizationOptions
     metrics: tuple[str, ...] = ("linearization",)
+    name: str = "linearization"
     params_0: dict[str, Tensor] | None = field(default=None, init=False)
 
     def setup(self, model: nn.Module, dtype: torch.dtype) -> None:

@@ -22,6 +22,7 @@ from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_linearity import keys
 from lightning_linearity._compat import Callback, MisconfigurationException, classes
 from lightning_linearity.callbacks._distributed import agree, gather_rows, probe_share
 from lightning_linearity.callbacks._isolation import training_untouched
@@ -33,6 +34,7 @@ from lightning_linearity.callbacks._probe import (
     explicit_probe,
     probe_from_loader,
 )
+from lightning_linearity.callbacks._schedule import OverheadBudget, StepSchedule, check_steps
 from lightning_linearity.callbacks._stages import (
     Kernel,
     RoundContext,
@@ -48,6 +50,8 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
     from lightning.pytorch.strategies import Strategy
 
+#: A round whose previous round took longer than this (seconds), or that has run this long, reports its parts.
+PROGRESS_AFTER = 5.0
 #: Metrics measured when ``metrics`` is not given (``linearization`` keeps a copy of w_0: opt in).
 DEFAULT_METRICS = ("ntk", "kernel_change", "hessian_norm", "grad_cosines")
 
@@ -60,7 +64,10 @@ class LinearityMonitor(Callback):
     * at the start of training, before the first optimiser step: K_0 = K(w_0) (and w_0 for
       ``linearization``) are recorded there and kept, also across a resume from a checkpoint;
     * every ``every_n_steps`` optimiser steps (``trainer.global_step``, so gradient accumulation is
-      respected), every ``every_n_epochs`` epochs if set, and at the end of training;
+      respected), at ``log_spaced`` steps per decade, at the listed ``steps``, every ``every_n_epochs``
+      epochs if set (any of them that are set), and at the end of training; with ``max_overhead`` the
+      rounds are also spaced so that they take at most that share of the wall time (see
+      :mod:`lightning_linearity.callbacks._schedule`);
     * never during the sanity check, and not at all under ``fast_dev_run``.
 
     Values are logged under ``linearity/`` against ``trainer.global_step`` through every logger of the
@@ -119,6 +126,17 @@ class LinearityMonitor(Callback):
         every_n_rounds: measure a metric only in every n-th round, e.g. ``{"hessian_norm": 4}`` for the
             costliest one: rounds 0, 4, 8, ... (counted from the first, which always measures everything;
             ``ntk`` and ``kernel_change`` share their kernel, so the smaller period serves both).
+        log_spaced: rounds at this many log-spaced steps per decade (1, 2, 3, 6, 10, 18, ... for 4): dense
+            early, where the kernel moves most. Combine with ``every_n_steps=None`` for log spacing only.
+        steps: rounds at these global steps (e.g. ``[10, 100, 1000]``).
+        max_overhead: keep the rounds' share of the wall time under this fraction (e.g. ``0.1``): after
+            each round the monitor plans the next from the time rounds and training steps took; due steps
+            whose round would not fit are skipped, and with no other schedule (``every_n_steps=None``) the
+            rounds run as often as the budget allows. The share so far is logged as ``overhead``.
+
+    Every round also logs the wall time of each part, ``seconds/<part>`` (``seconds/round`` in all), so
+    the cost of each metric is visible; parts of a round that runs longer than a few seconds are reported
+    as they start and finish.
 
     Raises:
         MisconfigurationException: at init for an unknown metric or option, ``every_n_steps < 1``, a
@@ -146,8 +164,12 @@ class LinearityMonitor(Callback):
         progress_bar: bool = False,
         plots: bool = True,
         every_n_rounds: Mapping[str, int] | None = None,
+        log_spaced: int | None = None,
+        steps: Sequence[int] | None = None,
+        max_overhead: float | None = None,
     ) -> None:
-        for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
+        periods = {"every_n_steps": every_n_steps, "every_n_epochs": every_n_epochs, "log_spaced": log_spaced}
+        for name, value in periods.items():
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise MisconfigurationException(
                     f"LinearityMonitor: {name} must be an integer >= 1 or None, got {value!r}"
@@ -173,10 +195,27 @@ class LinearityMonitor(Callback):
             raise MisconfigurationException(
                 f"LinearityMonitor: on_error must be 'warn' or 'raise', got {on_error!r}"
             )
+        if max_overhead is not None and (
+            isinstance(max_overhead, bool)
+            or not isinstance(max_overhead, int | float)
+            or not 0 < max_overhead < 1
+        ):
+            raise MisconfigurationException(
+                f"LinearityMonitor: max_overhead must be a fraction of the wall time in (0, 1), e.g. 0.1, "
+                f"or None, got {max_overhead!r}"
+            )
+        try:
+            self.steps = check_steps(steps)
+        except ValueError as err:
+            raise MisconfigurationException(f"LinearityMonitor: {err}") from err
         self.options = parse_metrics(metrics)
         self.every_n_rounds = _check_every_n_rounds(every_n_rounds, self.options)
         self.every_n_steps = every_n_steps
         self.every_n_epochs = every_n_epochs
+        self.log_spaced = log_spaced
+        self.max_overhead = max_overhead
+        self._schedule = StepSchedule(every_n_steps, log_spaced, self.steps)
+        self._budget = OverheadBudget(max_overhead if max_overhead is not None else 1.0)
         self.probe_size = probe_size
         self.probe_selection = probe_selection
         self.seed = seed
@@ -220,6 +259,9 @@ class LinearityMonitor(Callback):
             "metrics": metrics,
             "every_n_steps": self.every_n_steps,
             "every_n_epochs": self.every_n_epochs,
+            "log_spaced": self.log_spaced,
+            "steps": list(self.steps),
+            "max_overhead": self.max_overhead,
             "probe_size": probe_size,
             "probe_data": probe_data,
             "probe_selection": self.probe_selection,
@@ -310,6 +352,7 @@ class LinearityMonitor(Callback):
                 f"from the initialisation for {missing} (no LinearityMonitor state in the checkpoint); they "
                 f"are measured from the weights at step {trainer.global_step} instead"
             )
+        self._budget.start(trainer.global_step)
         if missing or self._last_step < 0:
             self._round(trainer, pl_module, take_references=True)
 
@@ -317,12 +360,21 @@ class LinearityMonitor(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.every_n_steps is not None and trainer.global_step % self.every_n_steps == 0:
-            self._round(trainer, pl_module)
+        step = trainer.global_step
+        if self._schedule.fixed:
+            if not self._schedule.due(step):
+                return
+        elif self.max_overhead is None:
+            return  # every_n_epochs only
+        if self.max_overhead is not None and not self._budget_allows(trainer, step):
+            return
+        self._round(trainer, pl_module)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.every_n_epochs is not None and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+        if self.every_n_epochs is None or (trainer.current_epoch + 1) % self.every_n_epochs != 0:
+            return
+        if self.max_overhead is None or self._budget_allows(trainer, trainer.global_step):
             self._round(trainer, pl_module)
 
     @override
@@ -330,6 +382,14 @@ class LinearityMonitor(Callback):
         if not self._enabled:
             return
         self._round(trainer, pl_module)
+        if self.history:
+            steps = [int(row["step"]) for row in self.history]
+            shown = ", ".join(map(str, steps[:12])) + (", ..." if len(steps) > 12 else "")
+            budget = f" (budget {100 * self.max_overhead:.0f}%)" if self.max_overhead is not None else ""
+            rank_zero_info(
+                f"LinearityMonitor: {len(steps)} rounds (steps {shown}) took "
+                f"{100 * self._budget.share():.1f}% of the wall time{budget}"
+            )
         if self.plots and trainer.is_global_zero and self.history:
             self._guarded(
                 "writing the report figures",
@@ -376,6 +436,8 @@ class LinearityMonitor(Callback):
             return
         self._last_step = step
         strategy, values = trainer.strategy, {}
+        started = self._budget.clock()
+        progress = _Progress(step, self._budget.clock, verbose=self._budget.last_round > PROGRESS_AFTER)
         with training_untouched(pl_module, pl_module.device):
             model = self._compute_model(pl_module)
             finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
@@ -385,10 +447,25 @@ class LinearityMonitor(Callback):
             ctx = RoundContext(model, self.probe, self._targets, self.seed, take_references)
             for stage in self._active:
                 if take_references or self._rounds % self._stage_period(stage) == 0:
+                    progress.begin(stage.name)
                     values.update(self._run_stage(strategy, stage, ctx, step))
+                    values[keys.logged(keys.seconds_key(stage.name))] = progress.end(stage.name)
             self._rounds += 1
+        seconds = self._budget.clock() - started
+        self._budget.record(seconds)
+        if self.max_overhead is not None:  # every rank takes rank 0's plan: they all run the same rounds
+            self._budget.next_step = strategy.broadcast(self._budget.plan(step), src=0)
         if values:
+            values[keys.logged(keys.seconds_key("round"))] = seconds
+            values[keys.logged(keys.OVERHEAD)] = self._budget.share()
             self._publish(trainer, step, values)
+
+    def _budget_allows(self, trainer: pl.Trainer, step: int) -> bool:
+        """Whether a round at ``step`` fits ``max_overhead``; a plan made before any training step was timed
+        is made again first (on every rank alike, from rank 0's clock)."""
+        if self._budget.provisional and step >= self._budget.next_step:
+            self._budget.next_step = trainer.strategy.broadcast(self._budget.plan(step), src=0)
+        return self._budget.allows(step)
 
     def _stage_period(self, stage: Stage) -> int:
         """A stage runs every this many rounds: the smallest ``every_n_rounds`` of its metrics."""
@@ -562,3 +639,27 @@ def _check_every_n_rounds(periods: Mapping[str, int] | None, options: Mapping[st
                 f"LinearityMonitor: every_n_rounds[{name!r}] must be an integer >= 1, got {period!r}"
             )
     return periods
+
+
+class _Progress:
+    """Reports the parts of a long round as they start and end (rank 0, through Lightning's logger)."""
+
+    def __init__(self, step: int, clock: Callable[[], float], verbose: bool) -> None:
+        self.step, self.clock, self.verbose = step, clock, verbose
+        self.round_start = self.part_start = clock()
+
+    def _report(self) -> bool:
+        return self.verbose or self.clock() - self.round_start > PROGRESS_AFTER
+
+    def begin(self, part: str) -> None:
+        self.part_start = self.clock()
+        if self._report():
+            rank_zero_info(f"LinearityMonitor: step {self.step}: measuring {part} ...")
+
+    def end(self, part: str) -> float:
+        seconds = self.clock() - self.part_start
+        if self._report():
+            total = self.clock() - self.round_start
+            message = f"LinearityMonitor: step {self.step}: {part} took {seconds:.1f} s ({total:.1f} s all)"
+            rank_zero_info(message)
+        return seconds

@@ -47,12 +47,29 @@ def test_in_memory_classification(classification):
 
 
 def test_in_memory_regression_and_reshapes():
-    x = torch.arange(24.0).reshape(4, 2, 3)  # (n, ...) is flattened
+    x = torch.arange(24.0).reshape(4, 2, 3)  # (n, ...) keeps its per-sample shape unless flattened
     y = torch.tensor([0.5, -1.0, 2.0, 3.5], dtype=torch.float64)  # 1-d float -> (n, 1)
-    dm = TensorDataModule(x=x, y=y)
+    dm = TensorDataModule(x=x, y=y, flatten=True)
     assert (dm.in_features, dm.num_classes, dm.out_features, dm.task) == (6, None, 1, "regression")
+    assert dm.input_shape == (6,)
     assert dm.train_split.y.shape == (4, 1) and dm.train_split.y.dtype == torch.float32
     assert _pairs(dm.train_split.x, dm.train_split.y) == _pairs(x.reshape(4, 6), y[:, None])
+
+
+def test_images_keep_their_shape_through_normalisation_and_the_loader():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(10, 1, 4, 4, generator=generator) * 3 + 1  # (n, C, H, W)
+    dm = TensorDataModule(x=x, y=torch.arange(10) % 2, normalize="sphere", batch_size=4)
+    dm.setup("fit")
+    assert dm.input_shape == (1, 4, 4) and dm.in_features == 16
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.shape == (4, 1, 4, 4) and labels.shape == (4,)
+    # sphere normalisation by hand: each image scaled to norm sqrt(16) = 4, its shape untouched
+    train = dm.train_split.x
+    assert train.shape == (10, 1, 4, 4)
+    expected = x / x.flatten(1).norm(dim=1)[:, None, None, None] * 4
+    for image in train:  # every training image is one of the inputs, scaled (the split order is seeded)
+        assert min(float((image - e).abs().max()) for e in expected) < 1e-6
 
 
 def test_half_precision_and_integer_inputs_become_float32():
@@ -262,7 +279,7 @@ M = "TensorDataModule(x=..., y=...): "
             np.zeros(4),
             np.zeros(4),
             {},
-            M + "x must have shape (n, d) (or (n, ...), flattened), got shape (4,)",
+            M + "x must have shape (n, ...) with samples of 1 entry or more, got (4,)",
         ),
         (np.zeros((0, 3)), np.zeros(0), {}, M + "x is empty (shape (0, 3))"),
         (np.zeros((3, 2), dtype=complex), np.zeros(3), {}, M + "x must hold real numbers (float or int)"),

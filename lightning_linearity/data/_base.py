@@ -22,7 +22,7 @@ class Split:
     """One split of a data set held in memory.
 
     Attributes:
-        x: inputs, float32 of shape (n, d).
+        x: inputs, float32 of shape (n, d), or (n, ...) for data kept in its per-sample shape (images).
         y: targets: int64 class indices of shape (n,) for classification, float32 of shape (n, k) for
             regression.
     """
@@ -119,9 +119,11 @@ class InMemoryDataModule(LightningDataModule, ABC):
     def _check_split(self, name: str, split: Split) -> None:
         # Internal consistency: what a subclass built must match what it declared.
         x, y = split.x, split.y
-        if x.dtype != torch.float32 or x.ndim != 2 or x.shape[1] != self.in_features:
+        shape = getattr(self, "input_shape", (self.in_features,))
+        if x.dtype != torch.float32 or tuple(x.shape[1:]) != tuple(shape):
             raise RuntimeError(
-                f"{name} split: x must be float32 (n, {self.in_features}), got {x.dtype} {tuple(x.shape)}"
+                f"{name} split: x must be float32 (n, {', '.join(map(str, shape))}), got {x.dtype} "
+                f"{tuple(x.shape)}"
             )
         if self.task == "classification":
             ok = y.dtype == torch.int64 and y.shape == (len(split),)

@@ -113,8 +113,9 @@ class TensorDataModule(InMemoryDataModule):
     ``y`` (tensors or arrays; see also :meth:`from_tensors`). The data is read in ``__init__`` so that
     ``in_features`` and friends are known at once.
 
-    - ``x`` has shape (n, d) (more dimensions are flattened to (n, prod)), any real dtype; it becomes
-      float32.
+    - ``x`` has shape (n, ...), any real dtype; it becomes float32 and keeps its per-sample shape, e.g.
+      images (n, C, H, W) for a convolutional model (``flatten=True`` gives (n, C*H*W) for an MLP).
+      ``in_features`` is the number of entries per sample, ``input_shape`` the per-sample shape.
     - ``y`` decides the task: an integer dtype means classification with class indices (int64, shape
       (n,)); a floating dtype means regression (float32, shape (n, k); a 1-d ``y`` becomes (n, 1)).
 
@@ -132,8 +133,9 @@ class TensorDataModule(InMemoryDataModule):
         num_samples: training points; ``None`` for every point not held out.
         num_val: validation points.
         num_test: test points.
-        normalize: ``"none"`` (default), ``"standard"`` (per-feature z-score fitted on the training split;
-            constant features become 0) or ``"sphere"`` (each sample scaled to norm sqrt(d)).
+        normalize: ``"none"`` (default), ``"standard"`` (per-entry z-score fitted on the training split;
+            constant entries become 0) or ``"sphere"`` (each sample scaled to norm sqrt(d), d entries).
+        flatten: flatten each sample to a vector of ``in_features`` entries.
         seed: seed for the choice of points and the loaders' shuffling.
         batch_size: points per batch.
         full_batch: every loader yields its whole split as one batch (full-batch gradient descent).
@@ -166,6 +168,7 @@ class TensorDataModule(InMemoryDataModule):
         num_workers: int = 0,
         x: Any = None,
         y: Any = None,
+        flatten: bool = False,
     ) -> None:
         super().__init__(
             batch_size=batch_size, full_batch=full_batch, shuffle=shuffle, num_workers=num_workers, seed=seed
@@ -185,7 +188,12 @@ class TensorDataModule(InMemoryDataModule):
             if x is None or y is None:
                 raise ValueError("in-memory data needs both x and y")
         self.source = source
-        self._x, self._y = self._check_xy(_to_numpy("x", x, source), _to_numpy("y", y, source))
+        if not isinstance(flatten, bool):
+            raise ValueError(f"flatten must be True or False, got {flatten!r}")
+        x = _to_numpy("x", x, source)
+        #: the shape of one sample as the loaders yield it
+        self.input_shape: tuple[int, ...] = (math.prod(x.shape[1:]),) if flatten else tuple(x.shape[1:])
+        self._x, self._y = self._check_xy(x, _to_numpy("y", y, source))
         if self._y.dtype == np.int64:
             self._prepare_classes(classes, num_classes)
             self._declare(self._x.shape[1], num_classes=self._num_classes)
@@ -204,7 +212,9 @@ class TensorDataModule(InMemoryDataModule):
     def _check_xy(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         src = self.source
         if x.ndim < 2:
-            raise ValueError(f"{src}: x must have shape (n, d) (or (n, ...), flattened), got shape {x.shape}")
+            raise ValueError(
+                f"{src}: x must have shape (n, ...) with samples of 1 entry or more, got {x.shape}"
+            )
         if (
             not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer))
             or x.dtype == np.bool_
@@ -212,7 +222,7 @@ class TensorDataModule(InMemoryDataModule):
             raise ValueError(f"{src}: x must hold real numbers (float or int), got dtype {x.dtype}")
         if x.shape[0] < 1 or math.prod(x.shape[1:]) < 1:
             raise ValueError(f"{src}: x is empty (shape {x.shape})")
-        x = x.reshape(x.shape[0], -1).copy()  # our own copy: later edits of the caller's array change nothing
+        x = x.reshape(x.shape[0], -1).copy()  # flat while checked and normalised; our own copy
         if not np.isfinite(x).all():
             raise ValueError(f"{src}: x contains NaN or infinite values")
         if y.shape[:1] != x.shape[:1]:
@@ -288,5 +298,6 @@ class TensorDataModule(InMemoryDataModule):
         parts = carve(order, sizes)
         xs = normalize_splits(self.normalize, *(x[idx] for idx in parts))
         return tuple(
-            Split(torch.from_numpy(xi), torch.from_numpy(y[idx])) for xi, idx in zip(xs, parts, strict=True)
+            Split(torch.from_numpy(xi).reshape(-1, *self.input_shape), torch.from_numpy(y[idx]))
+            for xi, idx in zip(xs, parts, strict=True)
         )

@@ -23,6 +23,7 @@ from torchmetrics import MeanSquaredError
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_linearity._compat import LightningModule
+from lightning_linearity.metrics.pl import square_loss_targets
 from lightning_linearity.nets import LayeredNTKNet
 from lightning_linearity.nets.network import Connectivity
 
@@ -95,22 +96,9 @@ class LinearityModule(LightningModule):
 
     # --------------------------------------------------------------------------------- loss
     def encode_targets(self, y: Tensor, out: Tensor) -> Tensor:
-        """Regression targets as (n, k); integer class labels one-hot (k > 1) or as +/-1 (k = 1)."""
-        if y.dtype.is_floating_point:
-            target = y.reshape(out.shape[0], -1).to(out.dtype)
-        elif out.shape[1] == 1:
-            if y.numel() and (y.min() < 0 or y.max() > 1):
-                raise ValueError("a network with out_features=1 needs two classes labelled 0 and 1")
-            target = (2.0 * y.to(out.dtype) - 1.0).reshape(-1, 1)
-        else:
-            if y.numel() and y.max() >= out.shape[1]:
-                raise ValueError(f"label {int(y.max())} does not fit a network with {out.shape[1]} outputs")
-            target = F.one_hot(y.long(), out.shape[1]).to(out.dtype)
-        if target.shape != out.shape:
-            raise ValueError(
-                f"targets of shape {tuple(y.shape)} do not match outputs of shape {tuple(out.shape)}"
-            )
-        return target
+        """Regression targets as (n, k); integer class labels one-hot (k > 1) or as +/-1 (k = 1)
+        (:func:`~lightning_linearity.metrics.pl.square_loss_targets`)."""
+        return square_loss_targets(y, out)
 
     def compute_loss(self, out: Tensor, y: Tensor) -> Tensor:
         if self.loss_name == "mse":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 import sys
@@ -52,6 +53,21 @@ def test_custom_model_is_measured_through_the_generic_path(tmp_path):
     assert rows[0][:3] == [0.0, 0.0, 0.0]  # at w_0: no distance, no kernel change, f == f_lin
     assert rows[4][0] > 0 and rows[4][1] > 0
     assert "generic path" in out
+
+
+def test_cnn_example_gets_every_default_metric_under_the_lightning_namespace(tmp_path):
+    out = run_example(
+        "cnn_digits.py", "--channels", "8", "--max-steps", "4", "--every", "2", "--root", str(tmp_path)
+    )
+
+    assert "cosines measured on layers ['features.0', 'features.2']" in out
+    rows = table_rows(out, "step")
+    assert sorted(rows) == [0, 2, 4]
+    # columns: lambda_min, kernel change, Hessian norm, |cos| of both convolutions, round seconds
+    assert all(len(cells) == 6 and all(math.isfinite(c) for c in cells) for cells in rows.values())
+    assert rows[0][1] == 0.0 and rows[4][1] > 0  # K_0 is the reference; training moves K
+    assert all(0 < cells[3] < 1 and 0 < cells[4] < 1 and cells[2] > 0 for cells in rows.values())
+    assert (tmp_path / "channels_8" / "version_0" / "linearity_curves.png").is_file()
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lightning_linearity.metrics.ntk import empirical_ntk
-from lightning_linearity.metrics.pl import KernelSpectrum, kernel_spectrum, pl_ratio
+from lightning_linearity.metrics.pl import KernelSpectrum, kernel_spectrum, pl_ratio, square_loss_targets
 from lightning_linearity.nets import LayeredNTKNet
 
 
@@ -146,3 +146,23 @@ def test_pl_ratio_leaves_model_and_global_state_unchanged():
     assert not any(m.training for m in model.modules())
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]) and torch.equal(p.grad, torch.ones_like(p)) and p.requires_grad
+
+
+def test_square_loss_targets_encode_labels_as_the_square_loss_reads_them():
+    out = torch.zeros(3, 4)
+    labels = torch.tensor([2, 0, 3])
+    expected = torch.tensor([[0.0, 0, 1, 0], [1, 0, 0, 0], [0, 0, 0, 1]])
+    assert torch.equal(square_loss_targets(labels, out), expected)
+    binary = square_loss_targets(torch.tensor([0, 1, 1]), torch.zeros(3, 1))
+    assert torch.equal(binary, torch.tensor([[-1.0], [1], [1]]))
+    floats = torch.arange(12.0)
+    assert torch.equal(square_loss_targets(floats, out), floats.reshape(3, 4))
+    for y, match in (
+        (torch.tensor([0, 4, 1]), "labels 0..4 do not fit a model with 4 outputs"),
+        (torch.arange(6.0), r"targets of shape \(6,\) do not match outputs of shape \(3, 4\)"),
+        (torch.tensor([0, 1]), r"class labels of shape \(2,\) for outputs of shape \(3, 4\)"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            square_loss_targets(y, out)
+    with pytest.raises(ValueError, match="two classes labelled 0 and 1"):
+        square_loss_targets(torch.tensor([0, 2, 1]), torch.zeros(3, 1))

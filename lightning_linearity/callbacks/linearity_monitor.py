@@ -45,6 +45,7 @@ from lightning_linearity.callbacks._stages import (
 )
 from lightning_linearity.keys import PREFIX, PROGRESS_BAR_KEY, SUMMARY_KEYS
 from lightning_linearity.metrics._functional import as_layered_net, evaluate
+from lightning_linearity.metrics.pl import square_loss_targets
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -576,23 +577,17 @@ class LinearityMonitor(Callback):
     def _encode_targets(self, pl_module: pl.LightningModule) -> Tensor | None:
         """Probe targets as regression targets (n, k) of the model output (for ``pl_ratio``), or ``None``.
 
-        The package's modules encode class labels themselves (``encode_targets``: one-hot or +/-1); other
-        modules need float targets with as many entries as the output.
+        Float targets with as many entries as the output are taken as they are; integer class labels become
+        one-hot rows (or +/-1 for one output), as the square loss of docs/math.md 2.2 reads them
+        (:func:`~lightning_linearity.metrics.square_loss_targets`). Anything else only warns.
         """
         if self.probe.y is None or "ntk" not in self.options or not self.options["ntk"].pl_ratio:
             return None
-        model = self._compute_model(pl_module)
         try:
-            out = evaluate(model, self.probe.x)
-            if hasattr(pl_module, "encode_targets"):
-                return pl_module.encode_targets(self.probe.y, out)
-            if self.probe.y.is_floating_point() and self.probe.y.numel() == out.numel():
-                return self.probe.y.reshape(out.shape).to(out.dtype)
-            shapes = f"{tuple(self.probe.y.shape)} and {tuple(out.shape)}"
-            reason = f"the probe targets and the model outputs have incompatible shapes {shapes}"
-        except ValueError as err:
-            reason = str(err)
-        rank_zero_warn(f"LinearityMonitor: pl_ratio is not logged: {reason}")
+            out = evaluate(self._compute_model(pl_module), self.probe.x)
+            return square_loss_targets(self.probe.y, out)
+        except Exception as err:  # a preparation: never fatal (the round reports a model that fails)
+            rank_zero_warn(f"LinearityMonitor: pl_ratio is not logged: {err}")
         return None
 
     def _warn_once(

@@ -26,7 +26,35 @@ from lightning_linearity.metrics._functional import (
     trainable_parameters,
 )
 
-__all__ = ["KernelSpectrum", "kernel_spectrum", "pl_ratio"]
+__all__ = ["KernelSpectrum", "kernel_spectrum", "pl_ratio", "square_loss_targets"]
+
+
+def square_loss_targets(y: Tensor, out: Tensor) -> Tensor:
+    """Targets Y of the square loss 1/2 ||f(w; X) - Y||^2 (docs/math.md 2.2) for outputs ``out`` (n, k).
+
+    Float targets are taken as they are (reshaped to (n, k)); integer class labels become one-hot rows
+    (k > 1) or +/-1 (k = 1, two classes labelled 0 and 1).
+
+    Raises:
+        ValueError: labels that do not fit the outputs, or targets of another size than the outputs.
+    """
+    if y.dtype.is_floating_point:
+        if y.numel() != out.numel():
+            raise ValueError(
+                f"targets of shape {tuple(y.shape)} do not match outputs of shape {tuple(out.shape)}"
+            )
+        return y.reshape(out.shape).to(out.dtype)
+    if y.numel() != out.shape[0]:
+        raise ValueError(f"class labels of shape {tuple(y.shape)} for outputs of shape {tuple(out.shape)}")
+    y = y.reshape(-1)
+    if out.shape[1] == 1:
+        if y.numel() and (y.min() < 0 or y.max() > 1):
+            raise ValueError("a model with one output needs two classes labelled 0 and 1")
+        return (2.0 * y.to(out.dtype) - 1.0).reshape(-1, 1)
+    if y.numel() and (y.min() < 0 or y.max() >= out.shape[1]):
+        labels = f"{int(y.min())}..{int(y.max())}"
+        raise ValueError(f"labels {labels} do not fit a model with {out.shape[1]} outputs")
+    return torch.nn.functional.one_hot(y.long(), out.shape[1]).to(out.dtype)
 
 
 @dataclass(frozen=True)

@@ -131,6 +131,22 @@ def test_foreign_model_generic_and_auto():
     torch.testing.assert_close(neuron_gradient_cosines(model, x, "2", method="generic"), expected.mean())
 
 
+def test_foreign_conv_layer_neurons_are_channel_position_entries():
+    """docs/math.md 2.7: a convolution's neuron is one output channel at one position."""
+    torch.manual_seed(4)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 4, 3, stride=2, dilation=1), nn.Tanh(),
+        nn.Flatten(), nn.Linear(16, 2),
+    ).double()  # fmt: skip
+    x = torch.randn(3, 2, 5, 5, dtype=torch.float64)
+    # layer "2": output (4 channels, 2 x 2 positions) -> 16 neurons, each the entry [c, i, j] for one sample
+    expected = reference_cosines(model, x, lambda xi: model[:3](xi).flatten(1))
+    torch.testing.assert_close(neuron_gradient_cosines(model, x, "2", reduction="none"), expected)
+    first = reference_cosines(model, x, lambda xi: model[:1](xi).flatten(1))
+    assert (first > 0).all()  # positions of one channel share its filter: not orthogonal in layer 1
+    torch.testing.assert_close(neuron_gradient_cosines(model, x, "0", reduction="none"), first)
+
+
 # ------------------------------------------------------------------------------------------ the papers
 @pytest.mark.parametrize("width", [3, 17, 64])
 @pytest.mark.parametrize("family", ["fcn", "masked"])

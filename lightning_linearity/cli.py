@@ -48,6 +48,7 @@ from lightning_linearity import __version__
 from lightning_linearity._compat import MISCONFIGURATION, PRIMARY
 from lightning_linearity.callbacks import LinearityMonitor
 from lightning_linearity.configs import resolve_args
+from lightning_linearity.models import LinearityModule
 from lightning_linearity.plots import report_dir
 
 # The command runs on the preferred installed namespace (lightning.pytorch, else pytorch_lightning); the
@@ -129,8 +130,10 @@ class LinearityCLI(LightningCLI):
         parser.link_arguments("data.in_features", "model.init_args.in_features", apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
-        """Refuse a logger whose optional package is missing, naming the extra to install."""
-        config = self.config[self.subcommand] if self.subcommand else self.config
+        """Refuse a logger whose optional package is missing (naming the extra to install), and an optimiser
+        set twice: by the package model's own arguments and by LightningCLI's ``optimizer``."""
+        config = self._subcommand_config()
+        _check_one_optimizer(config)
         loggers = config.get("trainer", {}).get("logger")
         for logger in loggers if isinstance(loggers, list) else [loggers]:
             class_path = str(getattr(logger, "class_path", ""))
@@ -153,11 +156,59 @@ class LinearityCLI(LightningCLI):
                 print(final_values_table(callback.history))
 
     def instantiate_classes(self) -> None:
-        """Instantiate as usual; a constructor's rejection of its arguments becomes a :class:`UserError`."""
+        """Instantiate as usual; a constructor's rejection of its arguments becomes a :class:`UserError`.
+
+        When LightningCLI's ``optimizer`` trains a package model, the model's hyperparameters (what the
+        loggers record) name that optimiser and its arguments instead of the model's unused defaults.
+        """
         try:
             super().instantiate_classes()
         except (ValueError, TypeError, FileNotFoundError, *MISCONFIGURATION) as err:
             raise UserError(summarize_error(str(err))) from err
+        optimizer = self._subcommand_config().get("optimizer")
+        if optimizer and isinstance(self.model, LinearityModule):
+            init_args = dict(optimizer.get("init_args") or {})
+            used = {name: init_args.get(name) for name in MODEL_OPTIMIZER_ARGS if name != "optimizer"}
+            used["optimizer"] = str(optimizer.class_path)
+            # Loggers record hparams_initial, the copy taken by save_hyperparameters: update both.
+            for record in (self.model.hparams, getattr(self.model, "_hparams_initial", None)):
+                if record is not None:
+                    record.update(used)
+
+    def _subcommand_config(self) -> Any:
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+
+#: The package models' own optimiser arguments (unused when LightningCLI's ``optimizer`` is given).
+MODEL_OPTIMIZER_ARGS = ("optimizer", "lr", "momentum", "weight_decay")
+
+
+def _check_one_optimizer(config: Any) -> None:
+    """Raise :class:`UserError` if LightningCLI's ``optimizer`` is given while the package model's own
+    optimiser arguments differ from their defaults: one of the two would be silently ignored."""
+    optimizer, model = config.get("optimizer"), config.get("model")
+    if not optimizer or model is None or not getattr(model, "class_path", None):
+        return
+    try:
+        module, _, name = str(model.class_path).rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return
+    if not (inspect.isclass(cls) and issubclass(cls, LinearityModule)):
+        return
+    defaults = inspect.signature(LinearityModule.__init__).parameters
+    init_args = model.get("init_args") or {}
+    given = [
+        f"{name}={init_args[name]!r}"
+        for name in MODEL_OPTIMIZER_ARGS
+        if name in init_args and init_args[name] != defaults[name].default
+    ]
+    if given:
+        raise UserError(
+            f"the optimiser is set twice: model.init_args {', '.join(given)} and optimizer "
+            f"{str(optimizer.class_path).rpartition('.')[2]}; set it in one place (remove the model's "
+            f"optimiser arguments from the config, or drop --optimizer for --model.optimizer / --model.lr)"
+        )
 
 
 def final_values_table(history: list[dict[str, float]]) -> str:

@@ -10,8 +10,10 @@ import types
 from pathlib import Path
 
 import pytest
+import yaml
 from jsonargparse import ArgumentError
 
+import lightning_linearity
 from lightning_linearity._compat import PRIMARY
 from lightning_linearity.cli import TRACEBACK_ENV, LinearityCLI, _expected_error, main
 
@@ -204,7 +206,39 @@ BAD_INPUT = {
         2,
     ),
     "unknown subcommand": (lambda tmp: ["fitt"], ["invalid choice: 'fitt'"], 2),
+    "unknown packaged config": (
+        lambda tmp: ["fit", "--config", "fcn_digit"],
+        ["--config 'fcn_digit' is neither a file nor a packaged config", "fcn_digits"],
+        2,
+    ),
+    "optimiser set twice": (
+        lambda tmp: ["fit", "--config", FCN, "--optimizer", "AdamW"],
+        ["the optimiser is set twice: model.init_args lr=0.1 and optimizer AdamW; set it in one place"],
+        1,
+    ),
 }
+
+
+def test_lightning_cli_optimizer_is_what_the_hparams_record(tmp_path, monkeypatch):
+    """--optimizer AdamW trains with AdamW, and hparams.yaml says so (not the model's unused sgd / lr)."""
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", FCN, "--model.init_args.lr", "0.01", "--model.init_args.width", "16"]
+    args += ["--trainer.max_steps", "1", "--trainer.enable_progress_bar", "false"]
+    assert main([*args, "--optimizer", "AdamW", "--optimizer.lr", "0.003"]) == 0
+    (hparams,) = tmp_path.glob("runs/fcn_digits/version_*/hparams.yaml")
+    recorded = yaml.safe_load(hparams.read_text())
+    assert recorded["optimizer"] == "torch.optim.AdamW" and recorded["lr"] == 0.003
+    assert recorded["momentum"] is None and recorded["weight_decay"] == 0.01  # AdamW's own default
+
+
+def test_packaged_config_by_name_and_version(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here: the name resolves inside the package
+    args = ["fit", "--config", "fcn_digits", "--model.init_args.width", "16", "--trainer.max_steps", "1"]
+    assert main([*args, "--trainer.enable_progress_bar", "false"]) == 0
+    assert list(tmp_path.glob("runs/fcn_digits/version_0/metrics.csv"))
+    capsys.readouterr()
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith(f"lightning-linearity {lightning_linearity.__version__} ")
 
 
 @pytest.mark.parametrize("case", BAD_INPUT, ids=list(BAD_INPUT))

@@ -6,4 +6,4 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/scripts/env.sh"
 cd "$root"
-lightning-linearity fit --config configs/fcn_digits.yaml "$@"
+lightning-linearity fit --config fcn_digits "$@"

@@ -68,6 +68,9 @@ class SlopeFit:
 
 
 def _least_squares(u: np.ndarray, v: np.ndarray) -> tuple[float, float]:
+    """The least-squares line of v on u. Not ``scipy.stats.linregress``, whose slope error goes through
+    1 - r^2 and loses ~8 digits on an exact power law (the interval of ``-0.5`` came out 8e-9 wide); the
+    residuals below keep it exact. A test checks both against each other on noisy data."""
     du = u - u.mean()
     slope = float(du @ (v - v.mean()) / (du @ du))
     return slope, float(v.mean() - slope * u.mean())
@@ -137,7 +140,12 @@ def fit_loglog(
 def _bootstrap_interval(
     u: np.ndarray, v: np.ndarray, alpha: float, num_bootstrap: int, rng: np.random.Generator
 ) -> tuple[float, float]:
-    """Percentile interval of the least-squares slope over resamples of the runs."""
+    """Percentile interval of the least-squares slope over resamples of the runs.
+
+    Not ``scipy.stats.bootstrap``: a resample with one distinct width has no slope, and with a few runs per
+    width that is common (1 in 9 resamples of 3 widths x 1 seed); here such resamples are drawn again,
+    vectorised, rather than yielding NaN bounds.
+    """
     slopes = np.empty(num_bootstrap)
     filled = 0
     while filled < num_bootstrap:

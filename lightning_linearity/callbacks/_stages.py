@@ -24,6 +24,7 @@ stage              metric names                    logged keys (under ``linearit
 from __future__ import annotations
 
 import math
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -67,8 +68,11 @@ class RoundContext:
         targets: probe targets encoded like the model output (n, k), or ``None`` when there are none.
         seed: seed of every generator the metrics draw from (neuron subsets, Lanczos start vectors); the
             same on every rank and in every round, so the same neurons are followed through training.
-        take_references: stages without their reference (K_0, w_0) take it in this round; true only in the
-            round at the start of training (before the first optimiser step, unless resumed).
+        take_references: the round at the start of training (before the first optimiser step, unless
+            resumed), where the references (K_0, w_0) are taken. A stage whose reference is still missing
+            after it (that round failed) takes it in its next successful round and says from which step
+            its values count.
+        step: the global step of the round.
     """
 
     model: nn.Module
@@ -76,6 +80,7 @@ class RoundContext:
     targets: Tensor | None
     seed: int
     take_references: bool
+    step: int = 0
 
     def generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed)
@@ -357,6 +362,7 @@ class Kernel(Stage):
     metrics: tuple[str, ...] = field(init=False)
     name: str = "kernel"
     reference: Tensor | None = field(default=None, init=False)  # K_0
+    reference_step: int = field(default=0, init=False)  # the step K_0 was taken at
     latest: Tensor | None = field(default=None, init=False)  # K of the last round
     change_max: float = field(default=0.0, init=False)
 
@@ -395,8 +401,14 @@ class Kernel(Stage):
             side = math.isqrt(rows["kernel"].numel())  # n * k
             kernel = rows["kernel"].reshape(side, side)
             kernel = (kernel + kernel.T) / 2
-        if ctx.take_references and self.reference is None:
-            self.reference = kernel
+        if self.reference is None:
+            self.reference, self.reference_step = kernel, ctx.step
+            if not ctx.take_references and self.change is not None:
+                warnings.warn(
+                    f"K_0 was not measured at the start of training (that round failed); kernel_change is "
+                    f"measured against K at step {ctx.step} from now on",
+                    stacklevel=2,
+                )
         self.latest = kernel
         values: dict[str, float] = {}
         if self.ntk is not None:
@@ -408,8 +420,6 @@ class Kernel(Stage):
             if self.ntk.pl_ratio and ctx.targets is not None:
                 values[keys.PL_RATIO] = float(pl_ratio(ctx.model, ctx.probe.x, ctx.targets))
         if self.change is not None:
-            if self.reference is None:
-                raise ValueError("K_0 is unknown: the round at the start of training did not compute it")
             change = float(relative_kernel_change(kernel, self.reference.to(kernel), ord=self.change.ord))
             self.change_max = max(self.change_max, change)
             values[keys.KERNEL_CHANGE], values[keys.KERNEL_CHANGE_MAX] = change, self.change_max
@@ -419,16 +429,18 @@ class Kernel(Stage):
         return self.reference is None
 
     def reset(self) -> None:
-        self.reference, self.latest, self.change_max = None, None, 0.0
+        self.reference, self.latest, self.change_max, self.reference_step = None, None, 0.0, 0
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "reference": None if self.reference is None else self.reference.cpu(),
+            "reference_step": self.reference_step,
             "change_max": self.change_max,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.reference = state["reference"]
+        self.reference_step = int(state.get("reference_step", 0))
         self.change_max = float(state["change_max"])
 
 
@@ -492,7 +504,7 @@ class Hessian(Stage):
 
     def rows(self, ctx: RoundContext, share: slice) -> dict[str, Tensor]:
         opts, x = self.options, self.inputs(ctx)
-        norms = [x.new_zeros(0)]
+        norms = [torch.zeros(0, dtype=torch.float64, device=x.device)]  # float even for token inputs
         for (_, layer, i), units in groupby(self._units(ctx)[share], key=lambda unit: unit[:3]):
             value = hessian_spectral_norm(
                 ctx.model,
@@ -505,7 +517,7 @@ class Hessian(Stage):
                 method=opts.method,
                 columns=[a for *_, a in units],
             )
-            norms.append(value.flatten().to(x.dtype))
+            norms.append(value.flatten().to(torch.float64))
         return {"norms": torch.cat(norms)}
 
     def values(self, ctx: RoundContext, rows: dict[str, Tensor]) -> dict[str, float]:
@@ -532,7 +544,7 @@ class Cosines(Stage):
         self.layers = _resolve_layers(model, self.options.layers, "grad_cosines")
 
     def chosen_options(self) -> dict[str, dict[str, Any]]:
-        if self.options.layers is not None:
+        if self.options.layers is not None or not self.layers:  # named by the user, or not set up yet
             return {}
         return {"grad_cosines": {"layers": [layer for layer, _ in self.layers]}}
 
@@ -584,13 +596,17 @@ class Linearization(Stage):
             )
 
     def rows(self, ctx: RoundContext, share: slice) -> dict[str, Tensor]:
-        if ctx.take_references and self.params_0 is None:
+        if self.params_0 is None:
             self.params_0 = {name: p.detach().clone() for name, p in ctx.model.named_parameters()}
+            if not ctx.take_references:
+                warnings.warn(
+                    f"w_0 was not recorded at the start of training (that round failed); the linearisation "
+                    f"is measured around the weights at step {ctx.step} from now on",
+                    stacklevel=2,
+                )
         return {}
 
     def values(self, ctx: RoundContext, rows: dict[str, Tensor]) -> dict[str, float]:
-        if self.params_0 is None:
-            raise ValueError("w_0 is unknown: the round at the start of training did not record it")
         self.params_0 = {
             name: p.to(ctx.probe.x.device) for name, p in self.params_0.items()
         }  # after a resume

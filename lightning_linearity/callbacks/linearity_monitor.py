@@ -13,7 +13,8 @@ import copy
 import importlib
 import re
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -134,6 +135,10 @@ class LinearityMonitor(Callback):
             each round the monitor plans the next from the time rounds and training steps took; due steps
             whose round would not fit are skipped, and with no other schedule (``every_n_steps=None``) the
             rounds run as often as the budget allows. The share so far is logged as ``overhead``.
+        output_transform: for a model whose forward returns more than one tensor (a tuple, a dict, a
+            dataclass): a function of that output returning the (n, k) tensor f(w; x) to measure, e.g.
+            ``lambda out: out[0]``. It is applied to every forward pass of the metrics (a forward hook on
+            the module while a round runs), and the metrics then take the paths for foreign models.
 
     Every round also logs the wall time of each part, ``seconds/<part>`` (``seconds/round`` in all), so
     the cost of each metric is visible; parts of a round that runs longer than a few seconds are reported
@@ -168,6 +173,7 @@ class LinearityMonitor(Callback):
         log_spaced: int | None = None,
         steps: Sequence[int] | None = None,
         max_overhead: float | None = None,
+        output_transform: Callable[[Any], Tensor] | None = None,
     ) -> None:
         periods = {"every_n_steps": every_n_steps, "every_n_epochs": every_n_epochs, "log_spaced": log_spaced}
         for name, value in periods.items():
@@ -209,6 +215,12 @@ class LinearityMonitor(Callback):
             self.steps = check_steps(steps)
         except ValueError as err:
             raise MisconfigurationException(f"LinearityMonitor: {err}") from err
+        if output_transform is not None and not callable(output_transform):
+            raise MisconfigurationException(
+                f"LinearityMonitor: output_transform must be a callable picking the (n, k) tensor out of the "
+                f"model's output, e.g. lambda out: out[0]; got {output_transform!r}"
+            )
+        self.output_transform = output_transform
         self.options = parse_metrics(metrics)
         self.every_n_rounds = _check_every_n_rounds(every_n_rounds, self.options)
         self.every_n_steps = every_n_steps
@@ -272,6 +284,7 @@ class LinearityMonitor(Callback):
             "progress_bar": self.progress_bar,
             "plots": self.plots,
             "every_n_rounds": dict(self.every_n_rounds),
+            "output_transform": None if self.output_transform is None else repr(self.output_transform),
         }
 
     @property
@@ -316,6 +329,27 @@ class LinearityMonitor(Callback):
                 self.settings(),
             )
 
+    def _choose_probe(self, trainer: pl.Trainer) -> None:
+        """The probe set: restored from a checkpoint (kept, with a warning if the settings now ask for another
+        one, since K_0 and w_0 were measured on it), given, or taken from the training data."""
+        if self.probe is not None:
+            restored = len(self.probe)
+            asked = len(self._given_probe) if self._given_probe is not None else self.probe_size
+            differs = self._given_probe is not None and not torch.equal(
+                self._given_probe.x.to(self.probe.x), self.probe.x
+            )
+            if differs or (asked is not None and asked != restored):
+                what = "probe_data" if self._given_probe is not None else f"probe_size={asked}"
+                rank_zero_warn(
+                    f"LinearityMonitor: resuming with the checkpoint's probe set of {restored} points, on "
+                    f"which K_0 and w_0 were measured; the {what} given now is not used (start a new run to "
+                    f"change it)"
+                )
+            return
+        self.probe = self._given_probe or probe_from_loader(
+            trainer.train_dataloader, self.probe_size or DEFAULT_PROBE_SIZE, self.probe_selection, self.seed
+        )
+
     def _set_up(self, stage: Stage, model: nn.Module) -> bool:
         """Check a stage against the model; a mismatch (a layer that is not there, a budget exceeded) is
         fatal under ``on_error="raise"``, else a warning that turns the stage's metrics off for this fit."""
@@ -337,13 +371,17 @@ class LinearityMonitor(Callback):
             return
         device = pl_module.device
         with training_untouched(pl_module, device):
-            if self.probe is None:
-                self.probe = self._given_probe or probe_from_loader(
-                    trainer.train_dataloader,
-                    self.probe_size or DEFAULT_PROBE_SIZE,
-                    self.probe_selection,
-                    self.seed,
+            try:
+                self._choose_probe(trainer)
+            except Exception as err:  # the same on every rank: the data set is indexed alike everywhere
+                if self.on_error == "raise":
+                    raise
+                rank_zero_warn(
+                    f"LinearityMonitor: no probe set, so no metric is measured in this run: {err} "
+                    f"(training continues; on_error='warn')"
                 )
+                self._enabled = False
+                return
             self.probe = self.probe.to(device, self._compute_dtype)
             self._targets = self._encode_targets(pl_module)
         missing = [name for stage in self._active if stage.missing_reference() for name in stage.metrics]
@@ -439,18 +477,20 @@ class LinearityMonitor(Callback):
         strategy, values = trainer.strategy, {}
         started = self._budget.clock()
         progress = _Progress(step, self._budget.clock, verbose=self._budget.last_round > PROGRESS_AFTER)
-        with training_untouched(pl_module, pl_module.device):
-            model = self._compute_model(pl_module)
+        with training_untouched(pl_module, pl_module.device), self._picked_output(pl_module) as model:
             finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
             error = None if finite else FloatingPointError("the model has NaN or inf parameters")
             if not self._agreed(strategy, "the round", error, step):
                 return
-            ctx = RoundContext(model, self.probe, self._targets, self.seed, take_references)
+            ctx = RoundContext(model, self.probe, self._targets, self.seed, take_references, step)
             for stage in self._active:
                 if take_references or self._rounds % self._stage_period(stage) == 0:
                     progress.begin(stage.name)
-                    values.update(self._run_stage(strategy, stage, ctx, step))
-                    values[keys.logged(keys.seconds_key(stage.name))] = progress.end(stage.name)
+                    measured = self._run_stage(strategy, stage, ctx, step)
+                    seconds = progress.end(stage.name)
+                    if measured:  # a stage that failed everywhere logs nothing, not even its time
+                        values.update(measured)
+                        values[keys.logged(keys.seconds_key(stage.name))] = seconds
             self._rounds += 1
         seconds = self._budget.clock() - started
         self._budget.record(seconds)
@@ -484,7 +524,13 @@ class LinearityMonitor(Callback):
         if not self._agreed(strategy, names, error, step):
             return {}
         n, rows = result
-        rows = {key: gather_rows(strategy, value, n) for key, value in rows.items()}
+
+        def gathered(rows: dict[str, Tensor]) -> dict[str, Tensor]:  # every rank enters each collective
+            return {key: gather_rows(strategy, value, n) for key, value in rows.items()}
+
+        rows, error = self._attempt(stage, gathered, rows)
+        if not self._agreed(strategy, names, error, step):
+            return {}
         values, error = self._attempt(stage, stage.values, ctx, rows)
         if not self._agreed(strategy, names, error, step):
             return {}
@@ -555,10 +601,27 @@ class LinearityMonitor(Callback):
                 logger.log_metrics(values, step=step)
 
     # ------------------------------------------------------------------------------------- helpers
-    @staticmethod
-    def _measured_module(pl_module: pl.LightningModule) -> nn.Module:
-        """The package network behind ``pl_module`` (structured paths), or ``pl_module`` itself."""
+    def _measured_module(self, pl_module: pl.LightningModule) -> nn.Module:
+        """The package network behind ``pl_module`` (structured paths), or ``pl_module`` itself (always
+        itself with an ``output_transform``, which only the module's own forward pass goes through)."""
+        if self.output_transform is not None:
+            return pl_module
         return as_layered_net(pl_module) or pl_module
+
+    @contextmanager
+    def _picked_output(self, pl_module: pl.LightningModule) -> Iterator[nn.Module]:
+        """The module to measure (:meth:`_compute_model`), its output passed through ``output_transform``
+        by a forward hook while the ``with`` block runs."""
+        model = self._compute_model(pl_module)
+        if self.output_transform is None:
+            yield model
+            return
+        transform = self.output_transform
+        handle = model.register_forward_hook(lambda _module, _inputs, out: transform(out))
+        try:
+            yield model
+        finally:
+            handle.remove()
 
     def _compute_model(self, pl_module: pl.LightningModule) -> nn.Module:
         """The measured module in the compute dtype: itself, or a cast copy holding its current values."""
@@ -584,7 +647,8 @@ class LinearityMonitor(Callback):
         if self.probe.y is None or "ntk" not in self.options or not self.options["ntk"].pl_ratio:
             return None
         try:
-            out = evaluate(self._compute_model(pl_module), self.probe.x)
+            with self._picked_output(pl_module) as model:
+                out = evaluate(model, self.probe.x)
             return square_loss_targets(self.probe.y, out)
         except Exception as err:  # a preparation: never fatal (the round reports a model that fails)
             rank_zero_warn(f"LinearityMonitor: pl_ratio is not logged: {err}")

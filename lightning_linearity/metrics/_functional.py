@@ -37,6 +37,11 @@ def num_parameters(params: Params) -> int:
 
 def as_2d_output(out: Tensor, n: int) -> Tensor:
     """View a model output as (n, k): (n,) becomes (n, 1); trailing dimensions are flattened."""
+    if not isinstance(out, Tensor):
+        raise ValueError(
+            f"the model returned a {type(out).__name__}, not one tensor; the metrics need f(w; x) of shape "
+            f"(n, k): pick it with LinearityMonitor(output_transform=...), e.g. lambda out: out[0]"
+        )
     if out.dim() == 0 or out.shape[0] != n:
         raise ValueError(
             f"the model maps a batch of {n} inputs to an output of shape {tuple(out.shape)}; "

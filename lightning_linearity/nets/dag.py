@@ -7,7 +7,8 @@ or an i.i.d. edge-dropping rule into those masks.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Sequence
+import math
+from collections.abc import Hashable, Iterable, Sequence, Sized
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,16 +48,19 @@ def random_dense_masks(
     """DenseNet connectivity with every edge kept i.i.d. with probability ``1 - drop_prob``.
 
     A row (neuron) left with no edge gets exactly one edge back, chosen uniformly at random from its
-    candidate sources, so every non-input neuron has in-degree >= 1 (MATH.md section 1).
+    candidate sources, so every non-input neuron has in-degree >= 1 (MATH.md section 1). The uniforms are
+    drawn in float32 on the CPU from the CPU ``generator`` whatever torch's default dtype and device, so a
+    seed names one mask (float32 and float64 uniforms of one generator state differ).
     """
     widths = [*hidden_widths, out_features]
     masks = []
     for layer, rows in enumerate(widths, start=1):
         cols = sum(dense_source_sizes(in_features, hidden_widths, layer))
-        keep = (torch.rand(rows, cols, generator=generator) >= drop_prob).to(torch.get_default_dtype())
+        uniform = torch.rand(rows, cols, generator=generator, dtype=torch.float32, device="cpu")
+        keep = (uniform >= drop_prob).to(torch.get_default_dtype())
         empty = torch.nonzero(keep.sum(dim=1) == 0).flatten()
         if len(empty):
-            keep[empty, torch.randint(cols, (len(empty),), generator=generator)] = 1.0
+            keep[empty, torch.randint(cols, (len(empty),), generator=generator, device="cpu")] = 1.0
         masks.append(keep)
     return masks
 
@@ -134,10 +138,14 @@ def layer_edges(
     edge_list: list[tuple[Hashable, Hashable]] = []
     seen_edges: set[tuple[Hashable, Hashable]] = set()
     first_seen: dict[Hashable, int] = {}
+    if isinstance(edges, str | bytes) or not isinstance(edges, Iterable):
+        raise ValueError(f"edges must be a list of (u, v) pairs, got {edges!r}")
     for edge in edges:
-        if isinstance(edge, str | bytes) or len(edge) != 2:
+        if isinstance(edge, str | bytes) or not isinstance(edge, Sized) or len(edge) != 2:
             raise ValueError(f"each edge must be a pair (u, v); got {edge!r}")
         u, v = edge
+        for w in (u, v):
+            _check_vertex(w, f"edge {edge!r}")
         if u == v:
             raise ValueError(f"edge {(u, v)!r} is a self-loop; a feedforward network's graph must be acyclic")
         if (u, v) in seen_edges:
@@ -211,6 +219,18 @@ def layer_edges(
     return DAGLayout(tuple(inputs), tuple(outputs), hidden_layers, distance, tuple(masks))
 
 
+def _check_vertex(vertex: object, where: str) -> None:
+    """A vertex label must be hashable, not ``None`` and not NaN (NaN != NaN: it could never be found)."""
+    if vertex is None or (isinstance(vertex, float) and math.isnan(vertex)):
+        raise ValueError(f"{where}: vertex {vertex!r} is not a usable label; use strings or integers")
+    try:
+        hash(vertex)
+    except TypeError:
+        raise ValueError(
+            f"{where}: vertex {vertex!r} is not hashable; use strings, integers or tuples"
+        ) from None
+
+
 def _check_terminals(
     kind: str,
     given: Sequence[Hashable] | None,
@@ -220,7 +240,11 @@ def _check_terminals(
 ) -> list[Hashable]:
     if given is None:
         return _ordered(candidates, first_seen)
+    if isinstance(given, str | bytes) or not isinstance(given, Iterable):
+        raise ValueError(f"`{kind}s` must be a list of vertices, got {given!r}; e.g. write [{given!r}]")
     given = list(given)
+    for w in given:
+        _check_vertex(w, f"`{kind}s`")
     if len(set(given)) != len(given):
         raise ValueError(f"`{kind}s` lists a vertex twice: {given!r}")
     for w in given:

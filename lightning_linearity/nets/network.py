@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_linearity.nets._checks import check_flag, check_positive_int, check_seed, check_widths
 from lightning_linearity.nets.activations import get_activation
 from lightning_linearity.nets.dag import (
     MASK_STREAM,
@@ -47,12 +48,6 @@ class NetworkTrace:
         return self.preactivations[-1]
 
 
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
 class LayeredNTKNet(nn.Module):
     """NTK-parameterised feedforward network in the layered form of MATH.md section 1.
 
@@ -64,7 +59,9 @@ class LayeredNTKNet(nn.Module):
         masks: optional 0/1 masks for layers 1..L+1 (``None`` entries mean fully connected).
         activation: name of sigma (see :mod:`lightning_linearity.nets.activations`).
         bias: add a bias to every layer (a N(0,1) weight on a constant-1 input, counted in the in-degree).
-        seed: draw the initial weights from this seed's own stream instead of torch's global generator.
+        seed: draw the initial weights from this seed's own stream instead of torch's global generator
+            (an integer in [0, 2**64)). Either way the draws are made in float32 on the CPU and then cast,
+            so a seed names the same network whatever torch's default dtype and device.
         output_distance: p(v) of each output neuron when it differs from L+1 (DAGs from edge lists);
             only used by :attr:`width`.
     """
@@ -83,13 +80,12 @@ class LayeredNTKNet(nn.Module):
         output_distance: Sequence[int] | None = None,
     ):
         super().__init__()
-        self.in_features = _check_positive_int("in_features", in_features)
-        self.out_features = _check_positive_int("out_features", out_features)
-        if isinstance(hidden_widths, int) or len(hidden_widths) == 0:
-            raise ValueError(
-                f"hidden_widths must be a non-empty list of positive integers, got {hidden_widths!r}"
-            )
-        self.hidden_widths = [_check_positive_int("every hidden width", w) for w in hidden_widths]
+        self.in_features = check_positive_int("in_features", in_features)
+        self.out_features = check_positive_int("out_features", out_features)
+        self.hidden_widths = check_widths(hidden_widths)
+        bias = check_flag("bias", bias)
+        if seed is not None:
+            seed = check_seed("seed (the models' init_seed)", seed)
         if connectivity not in ("chain", "dense"):
             raise ValueError(f"connectivity must be 'chain' or 'dense', got {connectivity!r}")
         self.connectivity = connectivity
@@ -97,6 +93,10 @@ class LayeredNTKNet(nn.Module):
         depth = len(self.hidden_widths)
         if masks is None:
             masks = [None] * (depth + 1)
+        if isinstance(masks, str | bytes | Tensor) or not isinstance(masks, Sequence):
+            raise ValueError(
+                f"masks must be a list of {depth + 1} 0/1 tensors or None, got {type(masks).__name__}"
+            )
         if len(masks) != depth + 1:
             raise ValueError(f"expected {depth + 1} masks (one per layer incl. the output), got {len(masks)}")
         rows = [*self.hidden_widths, self.out_features]
@@ -104,9 +104,11 @@ class LayeredNTKNet(nn.Module):
             NTKLinear(self._layer_input_size(l), rows[l - 1], mask=masks[l - 1], bias=bias)
             for l in range(1, depth + 2)
         )
-        if output_distance is not None and len(output_distance) != self.out_features:
-            raise ValueError("output_distance needs one entry per output neuron")
-        self.output_distance = None if output_distance is None else [int(p) for p in output_distance]
+        if output_distance is not None:
+            if isinstance(output_distance, str) or len(output_distance) != self.out_features:
+                raise ValueError("output_distance needs one entry per output neuron")
+            output_distance = [check_positive_int("every output_distance", p) for p in output_distance]
+        self.output_distance = output_distance
         if seed is not None:
             self.reset_parameters(derived_generator(seed, WEIGHT_STREAM))
 
@@ -222,8 +224,9 @@ class LayeredNTKNet(nn.Module):
         """DenseNet connectivity with each edge dropped i.i.d. with probability ``drop_prob``.
 
         The mask comes from its own random stream of ``mask_seed`` (independent of the weights even for
-        equal seeds); ``mask_seed=None`` draws one from torch's global generator. A neuron left with no
-        incoming edge gets one edge back, chosen at random.
+        equal seeds; drawn in float32 on the CPU, so the same mask under any default dtype and device);
+        ``mask_seed=None`` draws one from torch's global generator. A neuron left with no incoming edge
+        gets one edge back, chosen at random.
         """
         if (
             isinstance(drop_prob, bool)
@@ -232,12 +235,13 @@ class LayeredNTKNet(nn.Module):
         ):
             raise ValueError(f"drop_prob must be in [0, 1), got {drop_prob!r}")
         if mask_seed is None:
-            mask_seed = int(torch.randint(0, 2**62, (1,)).item())
-        widths = [_check_positive_int("every hidden width", w) for w in widths]
+            mask_seed = int(torch.randint(0, 2**62, (1,), device="cpu").item())
+        mask_seed = check_seed("mask_seed", mask_seed)
+        widths = check_widths(widths)
         masks = random_dense_masks(
-            _check_positive_int("in_features", in_features),
+            check_positive_int("in_features", in_features),
             widths,
-            _check_positive_int("out_features", out_features),
+            check_positive_int("out_features", out_features),
             float(drop_prob),
             derived_generator(mask_seed, MASK_STREAM),
         )

@@ -7,8 +7,11 @@ log y = a + alpha log m over all runs, with a confidence interval for alpha (reg
 bootstrap). The papers predict alpha = -1/2 for the Hessian norm and the relative kernel change (004
 Theorem 3.6, Figure 2). Outputs in the ``out`` folder:
 
-* ``runs.csv``: one row per run (keyed by the hash of its parameters; a rerun skips finished runs),
-  ``histories.jsonl``: every run's metric rounds and losses;
+* ``runs.jsonl`` (append-only, crash-safe; the record of truth) and its view ``runs.csv``: one row per
+  run, keyed by the hash of its parameters, so a rerun skips finished runs; ``histories.jsonl``: every
+  run's metric rounds and losses. Two sweeps started on one folder share its runs (each run is claimed
+  under a lock before it starts) and never run one twice; a record cut short by a killed process is
+  skipped with a warning and its run done again;
 * ``<name>.md``: the fitted exponents, the claims checked, per-width means and step-size diagnostics;
 * ``<name>_<metric>.png``: metric vs width, log-log, with the fitted line and the 1/sqrt(m) reference;
   ``<name>_<quantity>_vs_step.png`` for the ``curves`` of the config: the quantity along training.
@@ -142,8 +145,8 @@ def run_sweep(config: SweepConfig) -> SweepResult:
     columns, claims = _preflight(config)
     try:
         store = RunStore(config.out)
-    except (NotADirectoryError, FileExistsError) as err:
-        raise SweepError(str(err)) from None
+    except OSError as err:  # not a folder, not writable, ...
+        raise SweepError(f"cannot use the output folder {config.out}: {err}") from None
     specs = config.runs()
     executed = run_pending(
         specs,

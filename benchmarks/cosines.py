@@ -3,7 +3,7 @@
     python benchmarks/cosines.py              # the table of benchmarks/README.md (a few minutes on 2 cores)
     python benchmarks/cosines.py --threads 1
 
-Three ways to get the mean |cos| of MATH.md 2.5 for the last hidden layer of a tanh FCN (depth 3, input
+Three ways to get the mean |cos| of docs/math.md 2.5 for the last hidden layer of a tanh FCN (depth 3, input
 dim 64, 20 probes as in 000 Figure 3):
 
 * ``structured``: ``neuron_gradient_cosines(method="structured")``, G_l = sum_k J_lk diag(g_k) J_lk^T from one

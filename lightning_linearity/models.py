@@ -4,7 +4,7 @@ The three public modules share :class:`LinearityModule`. Their constructors take
 so they work as ``class_path`` targets in LightningCLI configs, and ``save_hyperparameters()`` makes
 checkpoints reload with ``Module.load_from_checkpoint(path)``.
 
-Losses (MATH.md 2.2):
+Losses (docs/math.md 2.2):
     ``mse``            L = 1/2 * sum_i ||f(w; x_i) - y_i||^2   (the theory's square loss, summed)
     ``cross_entropy``  mean softmax cross-entropy (binary cross-entropy with logits when out_features = 1)
 Integer class targets are encoded for ``mse``: one-hot when out_features > 1, and +/-1 when

@@ -8,9 +8,9 @@ skipping any whose data is missing:
     (``lambda_min`` and ``lambda_max``, ``hessian_norm_max`` and ``hessian_norm_mean``, the layers of
     ``grad_cosine/layer_<l>``, ...), log y-axis where all values are positive.
 ``ntk_spectrum.png``
-    the sorted eigenvalues of the empirical NTK on the probe set (MATH.md 2.1) at init and now.
+    the sorted eigenvalues of the empirical NTK on the probe set (docs/math.md 2.1) at init and now.
 ``grad_cosines.png``
-    mean |cos| between neuron gradients per hidden layer (MATH.md 2.5) at the last round, and over steps.
+    mean |cos| between neuron gradients per hidden layer (docs/math.md 2.5) at the last round, and over steps.
 
 The PNGs go to the run's log directory (:func:`report_dir`); they are also logged as images to W&B
 (under ``linearity_plots/<name>``) and TensorBoard (as figures with the same tags). Figures are built on

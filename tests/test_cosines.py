@@ -1,4 +1,4 @@
-"""Neuron-gradient cosines (MATH.md 2.5) against per-neuron gradients materialised with autograd.grad."""
+"""Neuron-gradient cosines (docs/math.md 2.5) against per-neuron gradients materialised with autograd.grad."""
 
 import itertools
 

@@ -1,4 +1,4 @@
-"""Relative kernel change (MATH.md 2.3) on closed-form cases."""
+"""Relative kernel change (docs/math.md 2.3) on closed-form cases."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Networks of MATH.md section 1, checked against hand computations."""
+"""Networks of docs/math.md section 1, checked against hand computations."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Empirical NTK (MATH.md 2.1): structured and generic paths against an explicit float64 Jacobian."""
+"""Empirical NTK (docs/math.md 2.1): structured and generic paths against an explicit float64 Jacobian."""
 
 import pytest
 import torch

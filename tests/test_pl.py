@@ -1,4 +1,4 @@
-"""PL* through the NTK spectrum (MATH.md 2.2): ||grad L||^2 = r^T K r >= 2 lambda_min(K) L."""
+"""PL* through the NTK spectrum (docs/math.md 2.2): ||grad L||^2 = r^T K r >= 2 lambda_min(K) L."""
 
 import math
 

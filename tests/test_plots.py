@@ -101,7 +101,7 @@ def test_curves_group_related_keys_and_choose_the_y_scale():
     assert by_title[GROUPS["kernel_change"].title].get_yscale() == "linear"  # starts at 0
     cosines = by_title[GROUPS["grad_cosine"].title]
     assert [line.get_label() for line in cosines.get_lines()] == ["layer 1", "layer 2", "layer 10"]
-    # panels follow MATH.md's order
+    # panels follow docs/math.md's order
     assert [ax.get_title() for ax in fig.axes] == [
         GROUPS[group].title for group in ("lambda", "kernel_change", "hessian_norm", "grad_cosine")
     ]

@@ -1,4 +1,4 @@
-"""The fixed probe set X = (x_1..x_n) on which :class:`LinearityMonitor` evaluates every metric (MATH.md 2).
+"""The fixed probe set X = (x_1..x_n) of :class:`LinearityMonitor`'s metrics (docs/math.md section 2).
 
 The probe set is chosen once, at the start of fit, and then held fixed (also across a resume, through the
 callback's ``state_dict``). It is either given explicitly or read from the training data set, by index,

@@ -3,7 +3,7 @@
 A stage computes the rows of its probe points that belong to this rank (:meth:`Stage.rows`); the callback
 gathers the rows of all ranks in probe order, and :meth:`Stage.values` turns the full rows into the logged
 numbers (the same on every rank). Stages never do the maths themselves: they call the functions of
-:mod:`lightning_linearity.metrics`, whose docstrings give the formulas (MATH.md section 2).
+:mod:`lightning_linearity.metrics`, whose docstrings give the formulas (docs/math.md section 2).
 
 Stages and the metric names they serve:
 
@@ -133,7 +133,7 @@ class NTKOptions:
             ``"structured"`` or ``"generic"`` (see :func:`~lightning_linearity.metrics.ntk.empirical_ntk`).
         chunk_size: probe points processed at once (``None``: sized automatically).
         pl_ratio: also log the realised ratio ||grad L||^2 / (2 L) of the square loss on the probe set
-            (MATH.md 2.2; never below ``lambda_min``), when the probe set has targets.
+            (docs/math.md 2.2; never below ``lambda_min``), when the probe set has targets.
     """
 
     method: Method = "auto"
@@ -158,7 +158,7 @@ class KernelChangeOptions:
 
 @dataclass(frozen=True)
 class HessianOptions:
-    """Options of ``hessian_norm`` (MATH.md 2.4).
+    """Options of ``hessian_norm`` (docs/math.md 2.4).
 
     Each probe point gets its own Lanczos run over its q outputs (or sampled neurons). On the package's
     networks it runs on the structured path (a Krylov basis of about ``q * max_iter * 4 L m`` numbers and
@@ -197,7 +197,7 @@ class HessianOptions:
 
 @dataclass(frozen=True)
 class CosineOptions:
-    """Options of ``grad_cosines`` (MATH.md 2.5).
+    """Options of ``grad_cosines`` (docs/math.md 2.5).
 
     Attributes:
         layers: hidden layers to measure (``None``: every hidden layer of the package's nets; required for
@@ -228,7 +228,7 @@ class CosineOptions:
 
 @dataclass(frozen=True)
 class LinearizationOptions:
-    """Options of ``linearization`` (MATH.md 2.6), which keeps a copy of w_0 for the whole run.
+    """Options of ``linearization`` (docs/math.md 2.6), which keeps a copy of w_0 for the whole run.
 
     Attributes:
         memory_budget_mb: refuse (at setup) a model whose copy of w_0 would exceed this many MiB
@@ -347,10 +347,10 @@ class Stage(ABC):
 
 @dataclass
 class Kernel(Stage):
-    """The empirical NTK K (MATH.md 2.1), its spectrum (2.2) and its change from K_0 (2.3).
+    """The empirical NTK K (docs/math.md 2.1), its spectrum (2.2) and its change from K_0 (2.3).
 
     K is computed once per round and shared by ``ntk`` and ``kernel_change``. On the package's networks
-    rank r computes the structured factors (c_l and the output deltas D_l, MATH.md section 3) of its probe
+    rank r computes the structured factors (c_l and the output deltas D_l, docs/math.md 3) of its probe
     points, the expensive backward passes, and every rank forms K from the gathered factors with the code
     a single process uses. On other models rank r computes the row block K[x_r, X] (a cross kernel); the
     gathered blocks form K, symmetrised, (K + K^T) / 2, to remove rounding differences between blocks.
@@ -446,7 +446,7 @@ class Kernel(Stage):
 
 @dataclass
 class Hessian(Stage):
-    """Spectral norms ||d^2 f_a(w; x_i) / dw^2|| per probe point and output (MATH.md 2.4), max and mean;
+    """Spectral norms ||d^2 f_a(w; x_i) / dw^2|| per probe point and output (docs/math.md 2.4), max and mean;
     optionally the same for sampled hidden pre-activations of chosen layers.
 
     The work splits into units (key, point i, function a), with key the output or a layer; rank r takes
@@ -532,7 +532,7 @@ class Hessian(Stage):
 
 @dataclass
 class Cosines(Stage):
-    """Mean |cos| between the gradients of a hidden layer's neurons (MATH.md 2.5), per layer; rank r
+    """Mean |cos| between the gradients of a hidden layer's neurons (docs/math.md 2.5), per layer; rank r
     takes its share of the probe points (the neuron subset is the same on every rank)."""
 
     options: CosineOptions
@@ -577,7 +577,7 @@ class Cosines(Stage):
 
 @dataclass
 class Linearization(Stage):
-    """|f(w; x) - f_lin(w; x)| and R_t = ||w_t - w_0|| (MATH.md 2.6) against the w_0 kept since the initial
+    """|f(w; x) - f_lin(w; x)| and R_t = ||w_t - w_0|| (docs/math.md 2.6) against the w_0 kept since the first
     round. One forward pass and one jvp: every rank computes it whole (nothing to gather)."""
 
     options: LinearizationOptions

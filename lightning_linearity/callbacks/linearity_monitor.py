@@ -2,7 +2,7 @@ r"""
 Linearity Monitor
 =================
 
-Log the "transition to linearity" metrics of MATH.md section 2 (empirical NTK spectrum, kernel change,
+Log the "transition to linearity" metrics of docs/math.md section 2 (empirical NTK spectrum, kernel change,
 Hessian spectral norm, neuron gradient cosines, linearisation error) while a model trains, on one device
 or under DDP, through whatever loggers the Trainer has.
 """
@@ -59,7 +59,7 @@ DEFAULT_METRICS = ("ntk", "kernel_change", "hessian_norm", "grad_cosines")
 
 
 class LinearityMonitor(Callback):
-    r"""Measure and log transition-to-linearity metrics during training (MATH.md section 2).
+    r"""Measure and log transition-to-linearity metrics during training (docs/math.md section 2).
 
     All metrics are evaluated at the current parameters on one fixed probe set X. A *metric round* runs
 
@@ -77,8 +77,8 @@ class LinearityMonitor(Callback):
     ``trainer.callback_metrics`` (so ``ModelCheckpoint`` / ``EarlyStopping`` can monitor them) and kept
     in :attr:`history`. Logged keys (see :mod:`lightning_linearity.callbacks._stages`):
 
-    ``ntk``: ``lambda_min``, ``lambda_max``, ``condition_number``, ``ntk_trace`` of K (MATH.md 2.1, 2.2), and
-    ``pl_ratio`` = ||grad L||^2 / (2 L) for the square loss when the probe set has targets;
+    ``ntk``: ``lambda_min``, ``lambda_max``, ``condition_number``, ``ntk_trace`` of K (docs/math.md 2.1, 2.2),
+    and ``pl_ratio`` = ||grad L||^2 / (2 L) for the square loss when the probe set has targets;
     ``kernel_change``: ||K_t - K_0|| / ||K_0|| (2.3) and its running maximum ``kernel_change_max``;
     ``hessian_norm``: ``hessian_norm_max`` / ``hessian_norm_mean`` over probes and outputs of
     ||d^2 f_a(w; x_i) / dw^2||_2 (2.4), optionally per hidden layer ``hessian_norm_max/layer_2``, ...;

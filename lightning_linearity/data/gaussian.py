@@ -21,7 +21,7 @@ _TARGETS = 1
 
 
 def teacher_network(x: np.ndarray, w: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """The teacher: a 1-hidden-layer tanh network in the NTK parameterisation (MATH.md section 1).
+    """The teacher: a 1-hidden-layer tanh network in the NTK parameterisation (docs/math.md section 1).
 
         f(x) = V tanh(W x / sqrt(d)) / sqrt(m),    W in R^{m x d}, V in R^{k x m}, entries N(0, 1)
 

@@ -1,7 +1,7 @@
 """Shared plumbing for the metrics: functional forward passes, structure detection, input checks.
 
 Every metric sees the model as a pure function ``f(w, x) -> (n, k)`` of its trainable parameters ``w``
-(MATH.md section 2: "w means every trainable parameter of the model"). ``torch.func.functional_call``
+(docs/math.md section 2: "w means every trainable parameter of the model"). ``torch.func.functional_call``
 evaluates the model at detached copies of ``w``, so no metric touches ``.grad``, the parameters, the
 train/eval mode or torch's global random state.
 """

@@ -1,4 +1,4 @@
-"""The package's layered networks seen by the structured metric paths (MATH.md section 3).
+"""The package's layered networks seen by the structured metric paths (docs/math.md section 3).
 
 :func:`structured_net` decides whether a model qualifies, :func:`trace_net` runs its forward pass without
 autograd, :func:`source_columns` says which columns of c_l hold which h_j, and :func:`backpropagate` gives
@@ -99,7 +99,7 @@ def backpropagate(net: LayeredNTKNet, trace: NetworkTrace, top: int, seed: Tenso
         dF/dh_j = sum_{l reads h_j} D_l A_l[:, cols(j)],        D_j = dF/dh_j ⊙ sigma'(z_j).
 
     ``top = L+1`` with the identity seed gives d f_a / d z_l for the NTK; ``top = l`` with rows of the
-    identity gives the neuron Jacobians J_{l,k} = d z_l / d z_k of the cosine Gram (MATH.md section 3).
+    identity gives the neuron Jacobians J_{l,k} = d z_l / d z_k of the cosine Gram (docs/math.md section 3).
     """
     return _backpropagate(net, trace, top, seed, keep_posts=False)[0]
 

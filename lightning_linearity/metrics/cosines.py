@@ -1,4 +1,4 @@
-"""Cosines between the parameter gradients of the neurons of one layer (MATH.md 2.5; 000 Theorem 3, Eq. 22).
+"""Cosines between the parameter gradients of the neurons of one layer (docs/math.md 2.5; 000 Thm 3, Eq. 22).
 
 For hidden layer l and probe x, g_r = d z_l[r](w; x) / dw over all trainable parameters and
 
@@ -15,7 +15,7 @@ J_{l,k} = d z_l / d z_k (J_{l,l} = I) the chain rule gives
     g_k[q]     = ( sum_t M_k[q,t] c_k[t]^2  [+ 1 with a bias] ) / deg_k[q],
 
 i.e. G_l = sum_{k<=l} J_{l,k} diag(g_k) J_{l,k}^T. For an FCN (no mask, deg_k = fan_k, no bias) g_k is the
-constant ||c_k||^2 / fan_k and this is the formula of MATH.md section 3; the mask and the per-neuron
+constant ||c_k||^2 / fan_k and this is the formula of docs/math.md section 3; the mask and the per-neuron
 in-degrees of DenseNets and DAGs only change g_k. The rows of J_{l,k} for the (sampled) neurons come from
 one batched backward recursion (see :func:`~lightning_linearity.metrics._layered.backpropagate`), so the cost
 is that of backpropagating ``num_neurons`` vectors through layers l..1, for all probes at once.
@@ -102,7 +102,7 @@ def neuron_gradient_cosines(
     reduction: Reduction = "mean",
     chunk_size: int | None = None,
 ) -> Tensor:
-    """Mean |cos| between the parameter gradients of the neurons of ``layer`` (MATH.md 2.5).
+    """Mean |cos| between the parameter gradients of the neurons of ``layer`` (docs/math.md 2.5).
 
     Args:
         model: any ``nn.Module``; for the package's networks ``layer`` is a hidden layer 1..L (or

@@ -1,4 +1,4 @@
-"""Relative change of the NTK during training (MATH.md 2.3; 004 Figure 2).
+"""Relative change of the NTK during training (docs/math.md 2.3; 004 Figure 2).
 
     kernel_change = ||K(w_t) - K(w_0)|| / ||K(w_0)||
 
@@ -23,7 +23,7 @@ _MATRIX_NORM_ORD = {"spectral": 2, "fro": "fro"}
 
 
 def relative_kernel_change(kernel_t: Tensor, kernel_0: Tensor, ord: Norm = "spectral") -> Tensor:
-    """``||K_t - K_0|| / ||K_0||`` in the spectral (default) or Frobenius norm (MATH.md 2.3).
+    """``||K_t - K_0|| / ||K_0||`` in the spectral (default) or Frobenius norm (docs/math.md 2.3).
 
     Args:
         kernel_t: the kernel K(w_t) at the current parameters.

@@ -1,6 +1,6 @@
 """Linearisation error around the initial weights and the distance travelled from them.
 
-MATH.md 2.6 (004 Eq. 9, Corollary 3.7): with w_0 the parameters at initialisation,
+docs/math.md 2.6 (004 Eq. 9, Corollary 3.7): with w_0 the parameters at initialisation,
 
     f_lin(w; x) = f(w_0; x) + < df(w_0; x)/dw , w - w_0 >,        R = ||w - w_0||_2,
 
@@ -76,7 +76,7 @@ def _distance(params: Params, params_0: Params) -> Tensor:
 
 
 def distance_from_init(model: nn.Module, params_0: dict[str, Tensor]) -> Tensor:
-    """R = ||w - w_0||_2 over all trainable parameters (MATH.md 2.6), a 0-dim tensor.
+    """R = ||w - w_0||_2 over all trainable parameters (docs/math.md 2.6), a 0-dim tensor.
 
     ``params_0`` is a dict name -> tensor as from ``{n: p.detach().clone() for n, p in
     model.named_parameters()}``; names and shapes are checked against the trainable parameters.
@@ -85,7 +85,7 @@ def distance_from_init(model: nn.Module, params_0: dict[str, Tensor]) -> Tensor:
 
 
 def linearization_error(model: nn.Module, params_0: dict[str, Tensor], x: Tensor) -> LinearizationError:
-    """|f(w; x) - f_lin(w; x)| on the probe set, with f_lin linearised at w_0 (MATH.md 2.6).
+    """|f(w; x) - f_lin(w; x)| on the probe set, with f_lin linearised at w_0 (docs/math.md 2.6).
 
         f_lin(w; x_i) = f(w_0; x_i) + < df(w_0; x_i)/dw , w - w_0 >
 

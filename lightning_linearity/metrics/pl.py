@@ -1,4 +1,4 @@
-"""The PL* condition through the NTK spectrum (MATH.md 2.2; 004 Section 4, Eq. 15-16).
+"""The PL* condition through the NTK spectrum (docs/math.md 2.2; 004 Section 4, Eq. 15-16).
 
 For the square loss L(w) = 1/2 sum_i ||f(w; x_i) - y_i||^2 on the probe set, with r = f(w; X) - Y flattened
 in the NTK's index order i*k + a,
@@ -59,7 +59,7 @@ def square_loss_targets(y: Tensor, out: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class KernelSpectrum:
-    """Summary of the spectrum of an NTK K (MATH.md 2.2).
+    """Summary of the spectrum of an NTK K (docs/math.md 2.2).
 
     Attributes:
         lambda_min: smallest eigenvalue, the PL* constant mu (0 up to rounding when n*k > #parameters).
@@ -102,7 +102,7 @@ def kernel_spectrum(kernel: Tensor) -> KernelSpectrum:
 
 
 def pl_ratio(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    """The realised PL ratio ||grad L(w)||^2 / (2 L(w)) of the square loss on the probe batch (MATH.md 2.2).
+    """The realised PL ratio ||grad L(w)||^2 / (2 L(w)) of the square loss on a batch (docs/math.md 2.2).
 
     L(w) = 1/2 sum_i ||f(w; x_i) - y_i||^2 and grad L is the gradient with respect to every trainable
     parameter, computed directly by autograd (independently of K). Since ||grad L||^2 = r^T K r, the ratio

@@ -1,4 +1,4 @@
-"""Plain ``torch.nn`` NTK-parameterised networks (MATH.md section 1)."""
+"""Plain ``torch.nn`` NTK-parameterised networks (docs/math.md section 1)."""
 
 from lightning_linearity.nets.activations import ACTIVATIONS, Activation, get_activation
 from lightning_linearity.nets.dag import DAGLayout, layer_edges

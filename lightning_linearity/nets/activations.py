@@ -1,11 +1,11 @@
 """Activation functions by name, each with its closed-form derivative.
 
-The theory (MATH.md section 1; 004 Assumption 3.2) wants sigma twice differentiable with Lipschitz
+The theory (docs/math.md section 1; 004 Assumption 3.2) wants sigma twice differentiable with Lipschitz
 sigma' and sigma''. ``tanh``, ``erf``, ``softplus``, ``gelu`` and ``sigmoid`` qualify; ``relu`` is allowed,
 but its sigma'' vanishes almost everywhere; ``identity`` gives a linear network.
 
 The derivatives are used by the structured metric paths (e.g. the neuron-gradient Gram recursion of
-MATH.md section 3, and sigma'' by the structured Hessian-vector products), which never call autograd on
+docs/math.md section 3, and sigma'' by the structured Hessian-vector products), which never call autograd on
 the activation.
 """
 

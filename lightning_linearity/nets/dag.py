@@ -1,6 +1,6 @@
 """DAG connectivity: layering an edge list by longest path (004 Def. 2.1, 2.5) and random edge masks.
 
-Every network of the package is the layered form of MATH.md section 1: layer l reads
+Every network of the package is the layered form of docs/math.md section 1: layer l reads
 ``c_l = concat(h_{l-1}, ..., h_1, x)`` through a 0/1 mask. This module turns either an explicit edge list
 or an i.i.d. edge-dropping rule into those masks.
 """
@@ -48,7 +48,7 @@ def random_dense_masks(
     """DenseNet connectivity with every edge kept i.i.d. with probability ``1 - drop_prob``.
 
     A row (neuron) left with no edge gets exactly one edge back, chosen uniformly at random from its
-    candidate sources, so every non-input neuron has in-degree >= 1 (MATH.md section 1). The uniforms are
+    candidate sources, so every non-input neuron has in-degree >= 1 (docs/math.md section 1). The uniforms are
     drawn in float32 on the CPU from the CPU ``generator`` whatever torch's default dtype and device, so a
     seed names one mask (float32 and float64 uniforms of one generator state differ).
     """

@@ -1,4 +1,4 @@
-"""The NTK-parameterised (optionally masked) linear layer of MATH.md section 1.
+"""The NTK-parameterised (optionally masked) linear layer of docs/math.md section 1.
 
     z[r] = ( sum_s M[r,s] * W[r,s] * c[s]  +  b[r] ) / sqrt(deg[r]),
     deg[r] = sum_s M[r,s]  (+ 1 with a bias: the bias is a weight on a constant-1 input).

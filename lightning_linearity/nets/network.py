@@ -1,4 +1,4 @@
-"""One layered NTK network (MATH.md section 1) from which FCN, DenseNet and masked DAGs are built.
+"""One layered NTK network (docs/math.md section 1) from which FCN, DenseNet and masked DAGs are built.
 
 For layers l = 1..L+1, with ``c_l`` the post-activations layer l reads and ``M_l`` its 0/1 mask:
 
@@ -49,7 +49,7 @@ class NetworkTrace:
 
 
 class LayeredNTKNet(nn.Module):
-    """NTK-parameterised feedforward network in the layered form of MATH.md section 1.
+    """NTK-parameterised feedforward network in the layered form of docs/math.md section 1.
 
     Args:
         in_features: input dimension d.
@@ -191,7 +191,7 @@ class LayeredNTKNet(nn.Module):
         return NetworkTrace(inputs, preacts)
 
     def preactivations(self, x: Tensor) -> list[Tensor]:
-        """Pre-activations z_1..z_L of the hidden layers ("neurons" in MATH.md 2.5)."""
+        """Pre-activations z_1..z_L of the hidden layers ("neurons" in docs/math.md 2.5)."""
         return self.trace(x).preactivations[:-1]
 
     def forward(self, x: Tensor) -> Tensor:

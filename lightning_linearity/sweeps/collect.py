@@ -3,7 +3,7 @@
 A run's *history* is the list of rows :class:`~lightning_linearity.callbacks.LinearityMonitor` keeps
 (``{"step": t, "linearity/<key>": value, ...}``, one row per metric round, the first at step 0 before any
 update), plus one row ``{"step": t, "train/loss": L(w_t)}`` per gradient-descent step. A sweep metric is
-written ``"name"`` or ``"name:reduction"``; its CSV column is ``"name:reduction"``. Names (MATH.md section 2):
+written ``"name"`` or ``"name:reduction"``; its CSV column is ``"name:reduction"``. Names (docs/math.md 2):
 
 =============================  =====================================================  ==========  =========
 name                           series over the metric rounds t                        monitor     default

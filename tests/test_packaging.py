@@ -4,6 +4,7 @@ outside the checkout, answers ``--version`` and trains with a packaged config by
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -32,8 +33,11 @@ def installed(tmp_path_factory) -> Path:
     """A fresh venv holding only the built wheel; the dependencies (torch, Lightning, ...) are borrowed
     from the test environment through a path file, so nothing is downloaded."""
     tmp = tmp_path_factory.mktemp("wheel")
+    source = tmp / "source"  # a copy: building writes build/ and egg-info next to the sources
+    ignore = shutil.ignore_patterns(".venv", ".git", "build", "runs", "*.egg-info", "__pycache__", "wandb")
+    shutil.copytree(ROOT, source, ignore=ignore, symlinks=True)
     pip = (sys.executable, "-m", "pip")
-    run(*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", tmp / "dist", ROOT, cwd=tmp)
+    run(*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", tmp / "dist", source, cwd=tmp)
     (wheel,) = (tmp / "dist").glob("lightning_linearity-*.whl")
     env_dir = tmp / "venv"
     venv.create(env_dir, with_pip=False)

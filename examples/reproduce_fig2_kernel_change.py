@@ -11,7 +11,7 @@ runs.csv are not redone)::
 
     python examples/reproduce_fig2_kernel_change.py [--jobs 2] [--out DIR]
     python examples/reproduce_fig2_kernel_change.py --profile paper    # widths up to 4096 and 5 seeds (long)
-    python examples/reproduce_fig2_kernel_change.py --seeds 0 1 2 3 4  # 5 seeds per width
+    python examples/reproduce_fig2_kernel_change.py --seeds [0,1,2,3,4]  # 5 seeds per width
 
 Same as ``lightning-linearity sweep --config configs/sweeps/fig2_kernel_change.yaml``.
 """

@@ -18,31 +18,34 @@ Theorem 3.6, Figure 2). Outputs in the ``out`` folder:
 
 Command line (``lightning-linearity sweep ...`` or ``python -m lightning_linearity.sweep ...``)::
 
-    lightning-linearity sweep --config configs/sweeps/fig2_kernel_change.yaml [--profile paper] [--jobs 2]
-    lightning-linearity sweep --model NTKFCN --model-arg depth=3 --widths 16 32 64 128 --seeds 0 1 \\
-        --metrics kernel_change hessian_norm:init --max-steps 500 --out runs/my_sweep
+    lightning-linearity sweep --config fig2_kernel_change [--profile paper] [--jobs 2]
+    lightning-linearity sweep --model NTKFCN --model_args '{depth: 3}' --widths [16,32,64,128] \\
+        --seeds [0,1] --metrics [kernel_change,hessian_norm:init] --max_steps 500 --out runs/my_sweep
+    lightning-linearity sweep --config fig2_kernel_change --print_config     # the resolved sweep as YAML
 
-Flags override the config file's fields. Exit status: 0 done (and every claim held), 1 a mistake in the
-configuration (one line on stderr; ``LIGHTNING_LINEARITY_TRACEBACK=1`` shows the traceback), 2 arguments
-that do not parse, 3 done but a claim of the config failed.
+Flags are the fields of :class:`SweepConfig`, in the style of ``fit`` (jsonargparse); they override the
+config file's fields (a path or a packaged sweep's name) and those of its ``--profile``. Exit status: 0
+done (and every claim held), 1 a mistake in the configuration (one line on stderr;
+``LIGHTNING_LINEARITY_TRACEBACK=1`` shows the traceback), 2 arguments that do not parse, 3 done but a claim
+of the config failed.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
-import yaml
+from jsonargparse import ArgumentError, ArgumentParser
 
+from lightning_linearity.cli import summarize_error
+from lightning_linearity.configs import resolve as resolve_config
 from lightning_linearity.sweeps.claims import Claim, ClaimResult, check_claim
 from lightning_linearity.sweeps.collect import REDUCTIONS, check_layers, check_metric_specs
 from lightning_linearity.sweeps.config import (
-    DEFAULT_DATA,
     FIT_AGAINST,
     SweepConfig,
     SweepError,
@@ -67,7 +70,7 @@ __all__ = ["SweepConfig", "SweepError", "SweepResult", "main", "run_sweep"]
 PROG = "lightning-linearity sweep"
 #: Environment variable that makes :func:`main` re-raise configuration errors with their traceback.
 TRACEBACK_ENV = "LIGHTNING_LINEARITY_TRACEBACK"
-EXIT_USER_ERROR, EXIT_CLAIM_FAILED = 1, 3
+EXIT_USER_ERROR, EXIT_BAD_ARGUMENTS, EXIT_CLAIM_FAILED = 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -179,134 +182,117 @@ def run_sweep(config: SweepConfig) -> SweepResult:
 
 
 # ------------------------------------------------------------------------------------------ command line
-def _key_values(items: Sequence[str] | None, flag: str) -> dict[str, Any]:
-    """``["depth=3", "widths=[1000, m, 1000]"]`` -> ``{"depth": 3, "widths": [1000, "m", 1000]}``.
-
-    Values are read as YAML.
-    """
-    parsed = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SweepError(f"{flag} takes KEY=VALUE, got {item!r}")
-        try:
-            parsed[key] = yaml.safe_load(value)
-        except yaml.YAMLError as err:
-            raise SweepError(f"{flag} {item!r}: the value is not valid YAML ({err})") from None
-    return parsed
+#: Fields the command line takes as flags, in the order of :class:`SweepConfig` (everything but claims).
+FLAG_FIELDS = tuple(f for f in fields(SweepConfig) if f.name != "claims")
 
 
-def _optional_number(kind: type) -> Any:
-    def parse(text: str) -> Any:
-        return None if text.lower() in ("none", "null") else kind(text)
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser(defaults: Mapping[str, Any] | None = None) -> ArgumentParser:
+    """The jsonargparse parser of the sweep command: one ``--<field>`` per :class:`SweepConfig` field, typed
+    like it, in the flag style of ``fit`` (``--widths [16,32,64]``, ``--model_args '{depth: 3}'``,
+    ``--max_steps 500``, ``--progress false``); ``defaults`` (a config file's fields) fill in the rest."""
+    parser = ArgumentParser(
         prog=PROG,
-        argument_default=argparse.SUPPRESS,
         description="Width sweep: train (or initialise) a model at several widths and seeds, collect "
         "transition-to-linearity metrics, fit their log-log slope against the width, write a CSV, a "
-        "markdown table and PNG plots. Flags override the fields of --config.",
+        "markdown table and PNG plots. Flags override the fields of --config (and of its --profile); "
+        "--print_config prints the resolved sweep as YAML and exits.",
+        exit_on_error=False,
+        default_meta=False,
     )
-    add = parser.add_argument
-    add("--config", help="YAML file with the sweep's fields (see configs/sweeps/)")
-    add("--profile", help="apply this named set of overrides from the config's `profiles` (e.g. ci, paper)")
-    add("--name", help="the sweep's name (titles and file names)")
-    add("--model", help="NTKFCN, NTKDenseNet or MaskedDAGNet")
-    add(
-        "--model-arg",
-        action="append",
-        metavar="KEY=VALUE",
-        help="model argument (repeatable), e.g. depth=3 or 'widths=[1000, m, 1000]'",
-    )
-    add("--widths", nargs="+", type=int, metavar="M", help="widths (positive integers, at least 3)")
-    add("--seeds", nargs="+", type=int, metavar="S", help="seeds; one run per width and seed")
-    add(
-        "--metrics",
-        nargs="+",
-        metavar="NAME[:RED]",
-        help=f"metrics to collect, reductions {list(REDUCTIONS)}",
-    )
-    add("--mode", choices=["train", "init"], help="train with full-batch GD, or measure at init only")
-    add("--data", help="data set: digits or gaussian")
-    add("--data-arg", action="append", metavar="KEY=VALUE", help="data module argument (repeatable)")
-    add("--max-steps", type=int, help="gradient-descent steps at most")
-    add(
-        "--loss-threshold",
-        type=_optional_number(float),
-        help="stop once the training loss is below this (none: never)",
-    )
-    add("--lr", type=float, help="a fixed step size (instead of --lr-scale)")
-    add("--lr-scale", type=float, help="step size = LR_SCALE / lambda_max(K_0), per run")
-    add(
-        "--every-n-steps",
-        type=_optional_number(int),
-        help="a metric round every N steps (none: at init and end only)",
-    )
-    add(
-        "--monitor-arg",
-        action="append",
-        metavar="METRIC.OPTION=VALUE",
-        help="LinearityMonitor metric option, e.g. hessian_norm.max_iter=200",
-    )
-    add("--out", help="output folder")
-    add("--jobs", type=int, help="runs in parallel processes")
-    add("--threads", type=int, help="torch threads per run (default: the cores divided among the jobs)")
-    add(
-        "--fit-against",
-        choices=list(FIT_AGAINST),
-        help="fit slopes against the swept width or 004 Def. 2.7's",
-    )
-    add("--ci", choices=list(CI_METHODS), help="confidence interval of the slope")
-    add("--confidence", type=float, help="level of the interval, e.g. 0.95")
-    add("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--config", type=str | None, help="a sweep YAML file, or a packaged sweep's name")
+    parser.add_argument("--profile", type=str | None, help="a named set of overrides of the config")
+    hints = get_type_hints(SweepConfig)
+    for f in FLAG_FIELDS:
+        default = defaults[f.name] if defaults and f.name in defaults else _field_default(f)
+        kind = hints[f.name] | None
+        parser.add_argument(f"--{f.name}", type=kind, default=default, help=_FIELD_HELP.get(f.name))
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> SweepConfig:
-    """The :class:`SweepConfig` from a config file (and profile) overridden by the flags given.
+def _field_default(f: Any) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not MISSING else None
 
-    ``--data NAME`` switches the data set (with that data module's defaults); ``--data-arg``,
-    ``--model-arg`` and ``--monitor-arg`` update single entries; ``--lr`` replaces ``lr_scale`` and the
-    other way round.
+
+_FIELD_HELP = {
+    "widths": "widths m (positive integers, at least 3), e.g. [16,64,256]",
+    "metrics": f"metrics to collect, NAME or NAME:REDUCTION with reductions {list(REDUCTIONS)}",
+    "model": "NTKFCN, NTKDenseNet or MaskedDAGNet",
+    "model_args": "model arguments, e.g. '{depth: 3}' or '{widths: [1000, m, 1000]}'",
+    "seeds": "seeds, one run per width and seed, e.g. [0,1,2]",
+    "mode": "train (full-batch GD) or init (measure at initialisation only)",
+    "data": "the data set and its arguments, e.g. '{name: digits, num_samples: 20}'",
+    "lr": "a fixed step size (then lr_scale is not used)",
+    "lr_scale": "step size = lr_scale / lambda_max(K_0), per run (then lr is not used)",
+    "monitor_args": "LinearityMonitor metric options, e.g. '{hessian_norm: {max_iter: 200}}'",
+    "threads": "torch threads per run (default: the cores divided among the jobs)",
+    "fit_against": f"the width the slopes are fitted against, one of {list(FIT_AGAINST)}",
+    "ci": f"confidence interval of the slope, one of {list(CI_METHODS)}",
+}
+
+
+def _given(argv: Sequence[str], flag: str) -> bool:
+    return any(arg == flag or arg.startswith(flag + "=") for arg in argv)
+
+
+def parse_command_line(argv: Sequence[str]) -> tuple[SweepConfig | None, str | None]:
+    """The sweep of the command line, or (with ``--print_config``) ``None`` and the resolved YAML.
+
+    The config file (a path or a packaged sweep's name) and its profile give the defaults, the flags
+    override them; ``--lr`` on the command line clears the file's ``lr_scale`` and the other way round.
+
+    Raises:
+        SweepError: a config file or profile that does not fit (one line).
+        jsonargparse.ArgumentError: flags that do not parse.
     """
-    given = vars(args).copy()  # the parser suppresses defaults: only the flags given are present
-    path, profile = given.pop("config", None), given.pop("profile", None)
+    found = {"config": None, "profile": None}
+    for i, arg in enumerate(argv):  # --config / --profile first: the file gives the other flags' defaults
+        for name in found:
+            if arg == f"--{name}" and i + 1 < len(argv):
+                found[name] = argv[i + 1]
+            elif arg.startswith(f"--{name}="):
+                found[name] = arg.partition("=")[2]
+    path, profile = found["config"], found["profile"]
     if profile and not path:
         raise SweepError("--profile needs --config")
-    values = load_config_file(path, profile) if path else {}
-    if "lr" in given:
+    values: dict[str, Any] = {}
+    if path:
+        try:
+            path = resolve_config(path, "sweep")
+        except ValueError as err:
+            raise SweepError(str(err)) from None
+        values = load_config_file(path, profile)
+    claims = values.pop("claims", ())
+    if _given(argv, "--lr"):
         values["lr_scale"] = None
-    if "lr_scale" in given:
+    if _given(argv, "--lr_scale"):
         values["lr"] = None
-    values["model_args"] = {
-        **values.get("model_args", {}),
-        **_key_values(given.pop("model_arg", None), "--model-arg"),
-    }
-    data = {"name": given.pop("data")} if "data" in given else dict(values.get("data", DEFAULT_DATA))
-    values["data"] = {**data, **_key_values(given.pop("data_arg", None), "--data-arg")}
-    monitor = {metric: dict(options or {}) for metric, options in values.get("monitor_args", {}).items()}
-    for key, value in _key_values(given.pop("monitor_arg", None), "--monitor-arg").items():
-        metric, dot, option = key.partition(".")
-        if not dot:
-            raise SweepError(f"--monitor-arg takes METRIC.OPTION=VALUE, got {key!r}")
-        monitor.setdefault(metric, {})[option] = value
-    values["monitor_args"] = monitor
-    if given.pop("no_progress", False):
-        values["progress"] = False
-    values.update(given)
-    return make_config(values)
+    parser = build_parser(values)
+    parsed = parser.parse_args([arg for arg in argv if arg != "--print_config"])
+    if "--print_config" in argv:
+        return None, parser.dump(parsed, skip_none=False)
+    chosen = {f.name: parsed[f.name] for f in FLAG_FIELDS}
+    return make_config({**chosen, "claims": claims}), None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the sweep command line; returns the exit status (module docstring)."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        config = config_from_args(args)
+        config, printed = parse_command_line(argv)
+    except ArgumentError as err:
+        print(f"{PROG}: error: {summarize_error(str(err))}", file=sys.stderr)
+        return EXIT_BAD_ARGUMENTS
+    except SweepError as err:
+        if os.environ.get(TRACEBACK_ENV):
+            raise
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    if config is None:
+        print(printed, end="")
+        return 0
+    try:
         result = run_sweep(config)
     except SweepError as err:
         if os.environ.get(TRACEBACK_ENV):

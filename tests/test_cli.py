@@ -208,7 +208,7 @@ BAD_INPUT = {
     "unknown subcommand": (lambda tmp: ["fitt"], ["invalid choice: 'fitt'"], 2),
     "unknown packaged config": (
         lambda tmp: ["fit", "--config", "fcn_digit"],
-        ["--config 'fcn_digit' is neither a file nor a packaged config", "fcn_digits"],
+        ["--config 'fcn_digit' does not exist: it is neither a file nor a packaged config", "fcn_digits"],
         2,
     ),
     "optimiser set twice": (

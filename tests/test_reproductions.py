@@ -31,7 +31,7 @@ def test_every_config_has_an_example_and_a_ci_profile():
 @pytest.mark.slow
 @pytest.mark.parametrize("script", EXAMPLES, ids=lambda path: path.stem)
 def test_reduced_reproduction_holds(script, tmp_path, monkeypatch, capsys):
-    argv = [str(script), "--profile", "ci", "--out", str(tmp_path), "--threads", "1", "--no-progress"]
+    argv = [str(script), "--profile", "ci", "--out", str(tmp_path), "--threads", "1", "--progress", "false"]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as done:
         runpy.run_path(str(script), run_name="__main__")

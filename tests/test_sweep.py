@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 import lightning_linearity.sweep as sweep_module
 from lightning_linearity.sweep import main, run_sweep
@@ -248,9 +249,9 @@ def test_parallel_runs_match_sequential_runs(tmp_path):
 # ------------------------------------------------------------------------------------- command line
 def test_cli_runs_a_sweep(tmp_path, capsys):
     out = tmp_path / "cli"
-    argv = ["--model", "NTKFCN", "--model-arg", "depth=2", "--model-arg", "out_features=1",
-            "--widths", "4", "8", "16", "--metrics", "lambda_min:init", "--mode", "init",
-            "--data-arg", "num_samples=6", "--out", str(out), "--no-progress"]  # fmt: skip
+    argv = ["--model", "NTKFCN", "--model_args", "{depth: 2, out_features: 1}",
+            "--widths", "[4, 8, 16]", "--metrics", "[lambda_min:init]", "--mode", "init",
+            "--data", "{name: digits, num_samples: 6}", "--out", str(out), "--progress", "false"]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "| `lambda_min:init` |" in printed and "3 runs (0 resumed" in printed
@@ -258,16 +259,26 @@ def test_cli_runs_a_sweep(tmp_path, capsys):
     assert "3 runs (3 resumed" in capsys.readouterr().out
 
 
+def test_cli_flags_override_a_packaged_config_and_its_profile(capsys):
+    argv = ["--config", "fig2_kernel_change", "--profile", "ci", "--seeds", "[0, 1]", "--lr", "0.01"]
+    assert main([*argv, "--print_config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["widths"] == [16, 64, 256]  # from the ci profile
+    assert printed["model"] == "MaskedDAGNet"  # from the file
+    assert printed["seeds"] == [0, 1] and printed["lr"] == 0.01 and printed["lr_scale"] is None  # flags
+
+
 @pytest.mark.parametrize(
     ("argv", "match"),
     [
-        (["--widths", "8", "16", "--metrics", "kernel_change"], "at least 3 widths"),
-        (["--widths", "8", "-16", "32", "--metrics", "kernel_change"], "widths must be positive integers"),
-        (["--widths", "8", "16", "32", "--metrics", "entropy"], "cannot collect metric 'entropy'"),
-        (["--widths", "8", "16", "32"], "the sweep needs metrics"),
-        (["--profile", "ci", "--widths", "8", "16", "32"], "--profile needs --config"),
+        (["--widths", "[8, 16]", "--metrics", "[kernel_change]"], "at least 3 widths"),
+        (["--widths", "[8, -16, 32]", "--metrics", "[kernel_change]"], "widths must be positive integers"),
+        (["--widths", "[8, 16, 32]", "--metrics", "[entropy]"], "cannot collect metric 'entropy'"),
+        (["--widths", "[8, 16, 32]"], "the sweep needs metrics"),
+        (["--profile", "ci", "--widths", "[8, 16, 32]"], "--profile needs --config"),
         (["--config", "missing.yaml"], "does not exist"),
-        (["--widths", "8", "16", "32", "--metrics", "lambda_min", "--model-arg", "depth"], "KEY=VALUE"),
+        (["--config", "fig2_kernel"], "is neither a file nor a packaged config"),
+        (["--config", "fig2_kernel_change", "--profile", "huge"], "has no profile 'huge'"),
     ],
 )
 def test_cli_user_errors_are_one_line(argv, match, capsys):
@@ -276,23 +287,32 @@ def test_cli_user_errors_are_one_line(argv, match, capsys):
     assert len(err.splitlines()) == 1 and err.startswith("lightning-linearity sweep: error:") and match in err
 
 
-def test_cli_unparsable_width(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--widths", "8", "x", "32", "--metrics", "lambda_min"])
-    assert exit_info.value.code == 2
-    assert "invalid int value: 'x'" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--widths", "[8, x, 32]", "--metrics", "[lambda_min]"], "widths"),
+        (["--widths", "[8, 16, 32]", "--metrics", "[lambda_min]", "--model_args", "depth"], "model_args"),
+        (["--max_steps", "many"], "max_steps"),
+        (["--colour", "red"], "colour"),
+    ],
+)
+def test_cli_unparsable_arguments_are_one_line_with_status_2(argv, match, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("lightning-linearity sweep: error:") and match in err
 
 
 def test_cli_output_folder_is_a_file(tmp_path, capsys):
     target = tmp_path / "file.txt"
     target.write_text("")
-    assert main(["--widths", "8", "16", "32", "--metrics", "lambda_min", "--out", str(target)]) == 1
+    argv = ["--widths", "[8, 16, 32]", "--metrics", "[lambda_min]", "--out", str(target)]
+    assert main(argv) == 1
     assert "is a file" in capsys.readouterr().err
 
 
 def test_python_dash_m_entry_point(tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "lightning_linearity.sweep", "--widths", "1", "2", "--metrics", "lambda_min"],
+        [sys.executable, "-m", "lightning_linearity.sweep", "--widths", "[1,2]", "--metrics", "[lambda_min]"],
         capture_output=True,
         text=True,
         timeout=120,

@@ -282,10 +282,10 @@ def test_a_killed_sweeps_claims_are_waited_for_then_taken_over_and_nothing_is_du
 def test_two_concurrent_command_line_sweeps_on_one_folder(tmp_path):
     """The issue's case end to end: the same sweep started twice at once on one output folder."""
     out = tmp_path / "out"
-    argv = [sys.executable, "-m", "lightning_linearity.sweep", "--model", "NTKFCN", "--model-arg", "depth=2",
-            "--model-arg", "out_features=1", "--widths", "4", "8", "16", "--seeds", "0", "1", "--mode",
-            "init", "--metrics", "lambda_min", "--data-arg", "num_samples=6", "--threads", "1",
-            "--no-progress", "--out", str(out)]  # fmt: skip
+    argv = [sys.executable, "-m", "lightning_linearity.sweep", "--model", "NTKFCN",
+            "--model_args", "{depth: 2, out_features: 1}", "--widths", "[4, 8, 16]", "--seeds", "[0, 1]",
+            "--mode", "init", "--metrics", "[lambda_min]", "--data", "{name: digits, num_samples: 6}",
+            "--threads", "1", "--progress", "false", "--out", str(out)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     processes = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
                  for _ in range(2)]  # fmt: skip

@@ -40,8 +40,8 @@ def resolve(value: str, kind: Kind = "fit") -> str:
     if candidate.is_file():
         return str(candidate)
     raise ValueError(
-        f"--config {value!r} is neither a file nor a packaged config; packaged {kind} configs: "
-        f"{', '.join(names(kind))}"
+        f"--config {value!r} does not exist: it is neither a file nor a packaged config; packaged {kind} "
+        f"configs: {', '.join(names(kind))}"
     )
 
 

@@ -5,7 +5,9 @@ Run as a script (``python tests/ddp_linearity_run.py OUT_DIR --devices 2``) it t
 The test imports :func:`fit` to make the single-process reference run in its own process.
 
 With ``--fail-rank R --fail-step S`` the neuron-cosine metric raises on rank R in the round at step S (a
-fault injected into one metric on one rank only); every rank that finishes fit writes ``done_rank{r}``.
+fault injected into one metric on one rank only, while the rows are computed), and with
+``--fail-values-step T`` the kernel's assembly from the gathered rows raises on rank R at step T (a fault
+after the all-gather); every rank that finishes fit writes ``done_rank{r}``.
 """
 
 from __future__ import annotations
@@ -65,6 +67,20 @@ def inject_fault(rank: int, step: int) -> None:
     _stages.neuron_gradient_cosines = failing
 
 
+def inject_values_fault(rank: int, step: int) -> None:
+    """Make the kernel's values (after the all-gather of its rows) raise on ``rank`` at ``step``."""
+    if int(os.environ.get("LOCAL_RANK", "0")) != rank:
+        return
+    original = _stages.Kernel.values
+
+    def failing(self, ctx, rows):
+        if ctx.step == step:
+            raise RuntimeError(f"injected fault after the gather on rank {rank}")
+        return original(self, ctx, rows)
+
+    _stages.Kernel.values = failing
+
+
 def read_rounds(metrics_csv: Path) -> dict[int, dict[str, float]]:
     """``{step: {key: value}}`` of the ``linearity/`` measurements in a CSVLogger's ``metrics.csv`` (without
     the rounds' wall times, which differ from run to run)."""
@@ -108,8 +124,11 @@ if __name__ == "__main__":
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--fail-rank", type=int, default=None)
     parser.add_argument("--fail-step", type=int, default=None)
+    parser.add_argument("--fail-values-step", type=int, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)  # two ranks on a two-core CI machine
     if args.fail_rank is not None:
         inject_fault(args.fail_rank, args.fail_step)
+        if args.fail_values_step is not None:
+            inject_values_fault(args.fail_rank, args.fail_values_step)
     fit(args.out, args.devices)

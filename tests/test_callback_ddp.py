@@ -16,7 +16,8 @@ from ddp_linearity_run import EVERY_N_STEPS, MAX_STEPS, fit, read_rounds
 from lightning_linearity.keys import is_timing
 
 HELPER = Path(__file__).with_name("ddp_linearity_run.py")
-FAIL_RANK, FAIL_STEP = 1, 2
+FAIL_RANK, FAIL_STEP, FAIL_VALUES_STEP = 1, 2, 4
+KERNEL_KEYS = ("lambda", "condition_number", "ntk_trace", "pl_ratio", "kernel_change")
 STEPS = list(range(0, MAX_STEPS + 1, EVERY_N_STEPS))
 
 pytestmark = pytest.mark.slow
@@ -27,6 +28,7 @@ def ddp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     command = [sys.executable, str(HELPER), str(out), "--devices", "2"]
     command += ["--fail-rank", str(FAIL_RANK), "--fail-step", str(FAIL_STEP)]
+    command += ["--fail-values-step", str(FAIL_VALUES_STEP)]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=out)
     assert proc.returncode == 0, proc.stderr[-5000:]
     return out, proc.stderr
@@ -53,6 +55,9 @@ def test_ddp_logs_the_single_process_values(ddp_run, single_run):
         if step == FAIL_STEP:  # skipped on every rank in the DDP run
             for key in [k for k in expected if k.startswith("linearity/grad_cosine/")]:
                 del expected[key]
+        if step == FAIL_VALUES_STEP:  # the kernel failed after its gather on one rank: skipped everywhere
+            for key in [k for k in expected if k.removeprefix("linearity/").startswith(KERNEL_KEYS)]:
+                del expected[key]
         assert sorted(ddp[step]) == sorted(expected), step
         for key, value in expected.items():
             assert ddp[step][key] == pytest.approx(value, rel=1e-5, abs=1e-7), (step, key)
@@ -66,6 +71,8 @@ def test_a_fault_on_one_rank_is_skipped_everywhere_and_training_finishes(ddp_run
     assert f"grad_cosines failed at step {FAIL_STEP} on rank {FAIL_RANK}" in stderr
     assert f"injected fault on rank {FAIL_RANK}" in stderr
     assert f"grad_cosines failed at step {FAIL_STEP} on another rank" in stderr
+    assert f"ntk, kernel_change failed at step {FAIL_VALUES_STEP} on rank {FAIL_RANK}" in stderr
+    assert f"ntk, kernel_change failed at step {FAIL_VALUES_STEP} on another rank" in stderr
     rounds = read_rounds(out / "metrics.csv")
     with_cosines = [step for step in STEPS if "linearity/grad_cosine/layer_2" in rounds[step]]
     assert with_cosines == [step for step in STEPS if step != FAIL_STEP]

@@ -1,13 +1,13 @@
-"""Empirical neural tangent kernel (MATH.md section 2.1; 004 Eq. 17).
+"""Empirical neural tangent kernel (docs/math.md section 2.1; 004 Eq. 17).
 
     K[(i,a),(j,b)] = < d f_a(w; x_i)/dw , d f_b(w; x_j)/dw >        shape (n*k, n*k), index i*k + a
 
 ``x2`` gives the cross kernel K[(i,a),(j,b)] with x_i from ``x`` and x_j from ``x2`` (shape (n1*k, n2*k)),
 e.g. a row block K[x_rank, x_all] when probes are split across DDP ranks.
 
-Two paths compute the same numbers (the tests check both against an explicit Jacobian):
+Three paths compute the same numbers (the tests check each against an explicit Jacobian):
 
-* ``"structured"`` (the package's :class:`LayeredNTKNet`, MATH.md section 3). A weight W_l[r,s] enters only
+* ``"structured"`` (the package's :class:`LayeredNTKNet`, docs/math.md 3). A weight W_l[r,s] enters only
   through z_l[r] = (sum_s M_l[r,s] W_l[r,s] c_l[s] + b_l[r]) / sqrt(deg_l[r]), so with the backpropagated
   deltas D_l[i,a,r] = d f_a(x_i) / d z_l[r]
 
@@ -27,9 +27,17 @@ Two paths compute the same numbers (the tests check both against an explicit Jac
   the torch.func "neural tangent kernels" tutorial: a vjp per probe of ``x`` with the k output basis
   vectors gives J(x_i)^T e_a, and one jvp of the whole ``x2`` batch along it gives the row
   K[(i,a), :] = J(x2) J(x_i)^T e_a, so no Jacobian of ``x2`` is ever stored or recomputed. The generic path
-  treats probe points independently (``vmap`` over single inputs), as MATH.md's definition does.
+  treats probe points independently (``vmap`` over single inputs), as docs/math.md's definition does.
 
-``"auto"`` takes the structured path whenever the model allows it and the generic one otherwise.
+* ``"engine"`` (any model made of standard layers, :mod:`lightning_linearity.metrics.engine`): one forward
+  pass with hooks and one backward pass batched over the k outputs give each parametrised module's inputs
+  and output gradients; a derivative rule per module type (Linear, convolutions, Embedding, norm affines,
+  NTKLinear, a per-module ``torch.func`` fallback) adds that module's block of K, e.g.
+  (C C^T + 1) ⊙ (D D^T) for a Linear layer. No per-sample Jacobian of the whole model is formed.
+
+``"auto"`` takes the structured path for the package's networks, the engine for any other model it can
+take (one that treats probe points independently: eval-mode BatchNorm, no dropout in training mode), and
+the generic path otherwise.
 """
 
 from __future__ import annotations
@@ -54,25 +62,20 @@ from lightning_linearity.metrics._functional import (
     single_input_model,
     trainable_parameters,
 )
-from lightning_linearity.metrics._layered import (
-    Method,
-    backpropagate,
-    check_method,
-    structured_net,
-    trace_net,
-    trainable_flags,
-)
+from lightning_linearity.metrics._layered import backpropagate, structured_net, trace_net
 from lightning_linearity.metrics._linalg import chunk_slices
-from lightning_linearity.nets.layers import NTKLinear
+from lightning_linearity.metrics.engine import (
+    DEFAULT_CHUNK_ELEMENTS,
+    UnsupportedModel,
+    engine_ntk,
+)
+from lightning_linearity.metrics.engine._ntk_linear import add_ntk_linear_kernel
 from lightning_linearity.nets.network import LayeredNTKNet
 
 __all__ = ["DEFAULT_CHUNK_ELEMENTS", "empirical_ntk"]
 
 GenericImpl = Literal["jacobian", "ntk_vp"]
-
-#: Elements in the largest intermediate a chunk may create when ``chunk_size`` is None
-#: (2**27 elements = 512 MiB in float32).
-DEFAULT_CHUNK_ELEMENTS = 2**27
+NTKMethod = Literal["auto", "structured", "engine", "generic"]
 
 
 def empirical_ntk(
@@ -80,11 +83,11 @@ def empirical_ntk(
     x: Tensor,
     x2: Tensor | None = None,
     *,
-    method: Method = "auto",
+    method: NTKMethod = "auto",
     generic_impl: GenericImpl = "jacobian",
     chunk_size: int | None = None,
 ) -> Tensor:
-    """The empirical NTK of ``model`` on the probe inputs ``x`` (MATH.md 2.1).
+    """The empirical NTK of ``model`` on the probe inputs ``x`` (docs/math.md 2.1).
 
     Args:
         model: any ``nn.Module`` mapping (n, ...) to (n, k) (an (n,) output counts as k = 1); "w" is every
@@ -92,12 +95,17 @@ def empirical_ntk(
         x: probe inputs, shape (n, ...), on the model's device and in its dtype.
         x2: optional second probe set; then the cross kernel between ``x`` and ``x2`` is returned.
         method: ``"structured"`` (the package's networks only; raises ``ValueError`` otherwise),
-            ``"generic"`` (``torch.func``, any module) or ``"auto"`` (structured when possible).
+            ``"engine"`` (per-module derivative rules, :mod:`lightning_linearity.metrics.engine`; any model
+            that treats probe points independently, else ``ValueError`` saying why), ``"generic"``
+            (``torch.func``, any module) or ``"auto"`` (structured when possible, else the engine when the
+            model allows it, else generic).
         generic_impl: ``"jacobian"`` (Jacobian contraction) or ``"ntk_vp"`` (NTK-vector products);
             only used on the generic path.
         chunk_size: probe points of ``x`` processed at once (generic path; structured path with masked
-            layers). ``None`` sizes chunks so that no intermediate exceeds ``DEFAULT_CHUNK_ELEMENTS``.
-            Memory: structured, O((n1*k)(n2*k) + n*k*width) plus the masked chunks; generic
+            layers; engine rules that sum over positions). ``None`` sizes chunks so that no intermediate
+            exceeds ``DEFAULT_CHUNK_ELEMENTS``. Memory: structured, O((n1*k)(n2*k) + n*k*width) plus the
+            masked chunks; engine, the factor rows (per module: its inputs and output gradients, or its
+            per-sample gradients where that route is cheaper) and K; generic
             ``"jacobian"``, two Jacobian blocks of chunk*k*P entries (blocks are recomputed when the whole
             Jacobian does not fit); ``"ntk_vp"``, one block of chunk*k*P entries, nothing recomputed.
 
@@ -108,22 +116,41 @@ def empirical_ntk(
     Raises:
         ValueError: unknown ``method``/``generic_impl``, bad ``chunk_size``, no trainable parameters, probe
             inputs the model cannot take (wrong trailing shape), ``x2`` shaped unlike ``x``, an output that
-            does not depend differentiably on the parameters, or ``method="structured"`` on a model it
-            cannot handle (the message says why).
+            does not depend differentiably on the parameters, or ``method="structured"``/``"engine"`` on
+            a model it cannot handle (the message says why).
         FloatingPointError: NaN or inf in the model output or in K.
     """
-    check_method(method)
+    if method not in ("auto", "structured", "engine", "generic"):
+        raise ValueError(f"method must be 'auto', 'structured', 'engine' or 'generic', got {method!r}")
     if generic_impl not in ("jacobian", "ntk_vp"):
         raise ValueError(f"generic_impl must be 'jacobian' or 'ntk_vp', got {generic_impl!r}")
     check_chunk_size(chunk_size)
     check_probes(x, x2)
     params = trainable_parameters(model)
-    net = structured_net(model, required=method == "structured") if method != "generic" else None
+    net = structured_net(model, required=method == "structured") if method in ("auto", "structured") else None
     if net is not None:
         kernel = _structured_ntk(net, x, x2, chunk_size)
+    elif method in ("auto", "engine"):
+        kernel = _engine_ntk(model, x, x2, chunk_size, required=method == "engine")
+        if kernel is None:
+            kernel = _generic_ntk(model, params, x, x2, generic_impl, chunk_size)
     else:
         kernel = _generic_ntk(model, params, x, x2, generic_impl, chunk_size)
     return check_finite(kernel, "the empirical NTK")
+
+
+def _engine_ntk(
+    model: nn.Module, x: Tensor, x2: Tensor | None, chunk_size: int | None, *, required: bool
+) -> Tensor | None:
+    """K by the engine; ``None`` if it cannot take the model and ``required`` is False."""
+    try:
+        return engine_ntk(model, x, x2, chunk_size=chunk_size)
+    except UnsupportedModel as err:
+        if required:
+            raise ValueError(
+                f"method='engine' cannot handle this model: {err}. Use method='generic'."
+            ) from err
+        return None
 
 
 def _structured_ntk(net: LayeredNTKNet, x: Tensor, x2: Tensor | None, chunk_size: int | None) -> Tensor:
@@ -180,80 +207,11 @@ def structured_kernel(
         for layer, c1, c2, d1, d2 in zip(
             net.layers, factors.inputs, other.inputs, factors.deltas, other.deltas, strict=True
         ):
-            weight, bias = trainable_flags(layer)
-            if layer.mask is None:
-                _add_dense_layer_kernel(kernel, layer, c1, c2, d1, d2, weight, bias)
-                continue
-            if bias:  # the bias is an unmasked input: its term has the unmasked form, C C^T = 0
-                _add_dense_layer_kernel(kernel, layer, c1, c2, d1, d2, False, True)
-            if weight:
-                _add_masked_layer_kernel(kernel, layer, c1, c2, d1, d2, chunk_size, factors2 is None)
+            add_ntk_linear_kernel(kernel, layer, c1, c2, d1, d2, chunk_size, factors2 is None)
     kernel = kernel.reshape(n1 * k, n2 * k)
     if factors2 is None:  # exact symmetry (the two triangles differ by rounding only)
         kernel = 0.5 * (kernel + kernel.T)
     return kernel
-
-
-def _add_dense_layer_kernel(
-    kernel: Tensor, layer: NTKLinear, c1: Tensor, c2: Tensor, d1: Tensor, d2: Tensor, weight: bool, bias: bool
-) -> None:
-    """K += (C1 C2^T + 1) ⊙ (D1 diag(1/deg) D2^T): one Gram matrix of inputs shared by all neurons."""
-    if not (weight or bias):
-        return
-    n1, k, m = d1.shape
-    n2 = d2.shape[0]
-    inputs_gram = c1 @ c2.T if weight else c1.new_zeros(n1, n2)
-    if bias:
-        inputs_gram = inputs_gram + 1.0
-    deltas_gram = (d1 / layer.in_degree.to(d1.dtype)).reshape(n1 * k, m) @ d2.reshape(n2 * k, m).T
-    kernel += deltas_gram.view(n1, k, n2, k) * inputs_gram[:, None, :, None]
-
-
-def _add_masked_layer_kernel(
-    kernel: Tensor,
-    layer: NTKLinear,
-    c1: Tensor,
-    c2: Tensor,
-    d1: Tensor,
-    d2: Tensor,
-    chunk_size: int | None,
-    symmetric: bool,
-) -> None:
-    """K[i,a,j,b] += sum_r D1[i,a,r] D2[j,b,r] / deg[r] * Q[i,j,r],  Q[i,j,r] = sum_s M[r,s] c1[i,s] c2[j,s].
-
-    Q comes from one GEMM per chunk: (c1_i ⊙ c2_j) @ M^T over chunks of probe pairs, or, for a layer with
-    few neurons (an output layer), (C1 ⊙ M_r) @ C2^T over chunks of neurons r, whichever needs the smaller
-    elementwise product. 1/deg is folded into D2. ``symmetric`` (c2, d2 are c1, d1): a chunk of rows i is
-    paired with the probes j >= its first row only, and the part below the diagonal is filled in by
-    transposition (at least 8 chunks, so about half the pairs are skipped).
-    """
-    n1, k, m = d1.shape
-    n2 = d2.shape[0]
-    mask = layer.mask.to(c1.dtype)
-    d2 = d2 / layer.in_degree.to(d2.dtype)
-    if 8 * m <= n2:
-        per_neuron = n1 * max(layer.in_features, n2 * k)
-        for neurons in chunk_slices(m, max(1, DEFAULT_CHUNK_ELEMENTS // per_neuron)):
-            masked_gram = ((c1.unsqueeze(0) * mask[neurons, None, :]) @ c2.T).permute(1, 2, 0)  # (n1, n2, r)
-            kernel += _contract_deltas(masked_gram, d1[:, :, neurons], d2[:, :, neurons])
-        return
-    chunk = chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // (n2 * max(layer.in_features, k * m)))
-    if symmetric:
-        chunk = min(chunk, -(-n1 // 8))
-    for rows in chunk_slices(n1, chunk):
-        cols = slice(rows.start if symmetric else 0, n2)
-        block = _contract_deltas((c1[rows, None, :] * c2[None, cols, :]) @ mask.T, d1[rows], d2[cols])
-        kernel[rows, :, cols] += block
-        if symmetric:  # K[j, b, i, a] = K[i, a, j, b] for the probes j past this chunk
-            kernel[rows.stop :, :, rows] += block[:, :, rows.stop - rows.start :].permute(2, 3, 0, 1)
-
-
-def _contract_deltas(masked_gram: Tensor, d1: Tensor, d2: Tensor) -> Tensor:
-    """sum_r d1[i,a,r] d2[j,b,r] Q[i,j,r] for Q of shape (b1, b2, r): shape (b1, k, b2, k)."""
-    b1, b2, m = masked_gram.shape
-    k = d1.shape[1]
-    weighted = (masked_gram.unsqueeze(2) * d2.unsqueeze(0)).reshape(b1, b2 * k, m)
-    return torch.bmm(d1, weighted.transpose(1, 2)).view(b1, k, b2, k)
 
 
 # ----------------------------------------------------------------------------------------- generic

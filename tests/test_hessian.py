@@ -352,3 +352,101 @@ def test_bad_inputs():
         broken.layers[1].weight[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="non-finite"):
         hessian_spectral_norm(broken, x)
+
+
+# ------------------------------------------------------------------ where the top eigenvector lives
+def dense_top_eigenvectors(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(n, q, P) unit eigenvectors of the largest-magnitude eigenvalue of each dense output Hessian."""
+    named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+    flat = torch.cat([p.detach().reshape(-1) for _, p in named])
+
+    def output(w, xi):
+        state, offset = {}, 0
+        for name, p in named:
+            state[name] = w[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+        return torch.func.functional_call(module, state, (xi.unsqueeze(0),)).reshape(-1)
+
+    q = output(flat, x[0]).numel()
+    vectors = torch.empty(x.shape[0], q, flat.numel(), dtype=flat.dtype)
+    for i in range(x.shape[0]):
+        for a in range(q):
+            hessian = torch.autograd.functional.hessian(lambda w, i=i, a=a: output(w, x[i])[a], flat)
+            eigenvalues, eigenvectors = torch.linalg.eigh(hessian)
+            vectors[i, a] = eigenvectors[:, eigenvalues.abs().argmax()]
+    return vectors
+
+
+def neuron_index_sets(net: LayeredNTKNet) -> dict[tuple[int, int], list[int]]:
+    """Flat parameter indices each hidden neuron (l, r) owns, from MATH.md section 1's layout:
+    row r of W_l, b_l[r], and in every later layer the column of h_l[r] inside
+    c = concat(h_{l'-1}, ..., h_1, x) (FCN: c = h_{l'-1})."""
+    offsets, offset = [], 0
+    for layer in net.layers:
+        offsets.append(offset)
+        offset += layer.weight.numel() + (layer.bias.numel() if layer.bias is not None else 0)
+    sizes = [net.in_features, *net.hidden_widths]
+    owned = {}
+    for l in range(1, net.depth + 1):
+        for r in range(net.hidden_widths[l - 1]):
+            layer = net.layers[l - 1]
+            idx = [offsets[l - 1] + r * layer.in_features + s for s in range(layer.in_features)]
+            if layer.bias is not None:
+                idx.append(offsets[l - 1] + layer.weight.numel() + r)
+            for later in range(l + 1, net.depth + 2):
+                if net.connectivity == "chain" and later != l + 1:
+                    continue
+                column = r if net.connectivity == "chain" else sum(sizes[l + 1 : later]) + r
+                width = net.layers[later - 1].in_features
+                idx += [
+                    offsets[later - 1] + row * width + column
+                    for row in range(net.layers[later - 1].out_features)
+                ]
+            owned[(l, r)] = idx
+    return owned
+
+
+@pytest.mark.parametrize("kind", ["fcn", "dense", "masked"])
+@pytest.mark.parametrize("method", ["structured", "generic"])
+def test_eigenvector_shares_match_dense_eigenvector(kind, method):
+    builders = {
+        "fcn": lambda: LayeredNTKNet.fcn(3, [5, 4], 2, activation="tanh", bias=True, seed=0),
+        "dense": lambda: LayeredNTKNet.densenet(3, [4, 3, 4], 1, activation="softplus", seed=1),
+        "masked": lambda: LayeredNTKNet.masked_dag(3, [5, 5], 2, activation="gelu", seed=2, mask_seed=3),
+    }
+    net = builders[kind]().double()
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    _, info = hessian_spectral_norm(
+        net, x, method=method, return_info=True, eigenvector_shares=True, tol=1e-12, max_iter=300
+    )
+    vectors = dense_top_eigenvectors(net, x)
+    squared = vectors.pow(2)
+    offsets = torch.tensor([0] + [sum(p.numel() for p in layer.parameters()) for layer in net.layers]).cumsum(
+        0
+    )
+    expected_layers = torch.stack(
+        [squared[..., offsets[l] : offsets[l + 1]].sum(-1) for l in range(len(net.layers))], dim=-1
+    )
+    assert info.share_names == (*net.hidden_layer_names, "output")
+    torch.testing.assert_close(info.layer_shares, expected_layers, rtol=0, atol=1e-8)
+    owned = neuron_index_sets(net)
+    per_neuron = torch.stack([squared[..., idx].sum(-1) for idx in owned.values()], dim=-1)
+    torch.testing.assert_close(info.neuron_share, per_neuron.max(-1).values, rtol=0, atol=1e-8)
+    keys = list(owned)
+    for i in range(x.shape[0]):
+        for a in range(info.neuron_share.shape[1]):
+            assert tuple(info.top_neuron[i, a].tolist()) == keys[int(per_neuron[i, a].argmax())]
+
+
+def test_eigenvector_shares_of_a_foreign_model():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    _, info = hessian_spectral_norm(
+        model, x, return_info=True, eigenvector_shares=True, tol=1e-12, max_iter=300
+    )
+    squared = dense_top_eigenvectors(model, x).pow(2)
+    first = sum(p.numel() for p in model[0].parameters())
+    assert info.share_names == ("0", "2") and info.neuron_share is None
+    torch.testing.assert_close(info.layer_shares[..., 0], squared[..., :first].sum(-1), rtol=0, atol=1e-8)
+    with pytest.raises(ValueError, match="layer=None"):
+        hessian_spectral_norm(model, x, layer="0", eigenvector_shares=True)

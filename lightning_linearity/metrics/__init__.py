@@ -13,10 +13,14 @@ train/eval mode or torch's global random state.
 ``neuron_gradient_cosines``    mean |cos| between the gradients of a layer's neurons          (2.5)
 ``linearization_error``        |f(w) - f_lin(w)| with f_lin the first-order expansion at w_0 (2.6)
 ``distance_from_init``         R = ||w - w_0||                                                 (2.6)
+``analytic_ntk``               infinite-width NTK Theta: empirical_ntk -> kron(Theta, I_k)    (2.8)
+``analytic_nngp``              infinite-width NNGP Sigma = lim E[f_a(x) f_a(x')] at init      (2.8)
+``loss_sharpness``             k largest eigenvalues of d^2 L / dw^2 and the Gauss-Newton top (2.9)
 =============================  ==================================================================
 """
 
 from lightning_linearity.metrics._linalg import ConvergenceWarning
+from lightning_linearity.metrics.analytic import analytic_nngp, analytic_ntk
 from lightning_linearity.metrics.cosines import neuron_gradient_cosines
 from lightning_linearity.metrics.hessian import HessianInfo, hessian_spectral_norm
 from lightning_linearity.metrics.kernel_change import relative_kernel_change
@@ -27,17 +31,22 @@ from lightning_linearity.metrics.linearization import (
 )
 from lightning_linearity.metrics.ntk import empirical_ntk
 from lightning_linearity.metrics.pl import KernelSpectrum, kernel_spectrum, pl_ratio
+from lightning_linearity.metrics.sharpness import Sharpness, loss_sharpness
 
 __all__ = [
     "ConvergenceWarning",
     "HessianInfo",
     "KernelSpectrum",
     "LinearizationError",
+    "Sharpness",
+    "analytic_nngp",
+    "analytic_ntk",
     "distance_from_init",
     "empirical_ntk",
     "hessian_spectral_norm",
     "kernel_spectrum",
     "linearization_error",
+    "loss_sharpness",
     "neuron_gradient_cosines",
     "pl_ratio",
     "relative_kernel_change",

@@ -38,6 +38,8 @@ class EigenResult:
             three-term-recurrence value |beta_j s_j|). Some eigenvalue of A lies within it of theta.
         iterations: (B,) matvecs spent on each element.
         num_matvecs: total matvecs over the batch (``iterations.sum()``).
+        vectors: (B, P) the unit Ritz vector of ``eigenvalue`` (unit in the solver's inner product), when
+            :func:`lanczos` is asked for it; else ``None``.
 
     Both solvers raise ``FloatingPointError`` as soon as a product is non-finite.
     """
@@ -47,6 +49,7 @@ class EigenResult:
     residual: Tensor
     iterations: Tensor
     num_matvecs: int
+    vectors: Tensor | None = None
 
 
 def check_solver_options(tol: float, max_iter: int) -> None:
@@ -136,6 +139,7 @@ def lanczos(
     max_iter: int = 100,
     gram: BatchedMatvec | None = None,
     start: Tensor | None = None,
+    return_vectors: bool = False,
 ) -> EigenResult:
     """Largest-magnitude eigenvalue of B symmetric operators by Lanczos with full reorthogonalisation.
 
@@ -174,6 +178,8 @@ def lanczos(
         start: (B, dim) start vectors (normalised here); default: B random unit vectors drawn from
             ``generator``. Drawing them for a larger batch and passing a subset lets a caller compute any
             subset of the elements with exactly the start vectors the whole batch would use.
+        return_vectors: also return each element's Ritz vector Q_j s of the reported eigenvalue (formed
+            when the element stops, before its Krylov basis is dropped).
 
     The small tridiagonal eigenproblems are solved in float64 on the CPU (one host sync per step, which
     the stopping test needs anyway).
@@ -206,6 +212,7 @@ def lanczos(
     residual = torch.full((batch,), float("inf"), dtype=torch.float64)
     converged = torch.zeros(batch, dtype=torch.bool)
     iterations = torch.zeros(batch, dtype=torch.long)
+    vectors = torch.zeros(batch, dim, dtype=dtype, device=device) if return_vectors else None
     for j in range(steps):
         if j == basis.shape[1]:  # double the capacity of Q (and G Q)
             basis = _grow(basis, min(2 * j, steps))
@@ -231,6 +238,14 @@ def lanczos(
         done = both_ends | (betas[active, j] == 0) | (j + 1 == dim)
         eigenvalue[active], residual[active] = theta, res
         converged[active] = done
+        if return_vectors:
+            finished = done | (j + 1 == steps)
+            if finished.any():
+                picked = torch.where(star[:, 0] == 0, 0, j)  # column of theta_min or theta_max in S
+                ritz = S[torch.arange(len(picked)), :, picked][finished].to(device=device, dtype=dtype)
+                vectors[active[finished].to(device)] = torch.einsum(
+                    "bj,bjp->bp", ritz, basis[finished.to(device), : j + 1]
+                )
 
         if done.all():
             break
@@ -249,6 +264,7 @@ def lanczos(
         residual.to(device=device, dtype=dtype),
         iterations.to(device),
         int(iterations.sum()),
+        vectors,
     )
 
 
@@ -295,3 +311,88 @@ def power_iteration(
             active, w = active[~done], w[~done]
         v = w / torch.linalg.vector_norm(w, dim=-1, keepdim=True)
     return EigenResult(eigenvalue, converged, residual, iterations, int(iterations.sum()))
+
+
+@dataclass(frozen=True)
+class TopEigen:
+    """The largest (algebraic) eigenvalues of one symmetric operator, from :func:`lanczos_largest`.
+
+    Attributes:
+        eigenvalues: (k,) Ritz values theta_1 >= ... >= theta_k (fewer than k only if the Krylov space was
+            exhausted first).
+        residuals: (k,) their residual norms |beta_j s_i[j]|: an eigenvalue lies within each of theta_i.
+        converged: (k,) bool, ``residual <= tol * max |Ritz value|`` (or the Krylov space was exhausted).
+        vectors: (k, P) the unit Ritz vectors, if asked for (else ``None``).
+        num_matvecs: operator products spent.
+    """
+
+    eigenvalues: Tensor
+    residuals: Tensor
+    converged: Tensor
+    vectors: Tensor | None
+    num_matvecs: int
+
+
+def lanczos_largest(
+    matvec: Callable[[Tensor], Tensor],
+    dim: int,
+    k: int,
+    *,
+    generator: torch.Generator,
+    dtype: torch.dtype,
+    device: torch.device,
+    tol: float = 1e-6,
+    max_iter: int = 100,
+    return_vectors: bool = False,
+) -> TopEigen:
+    """The k largest (algebraic, not in magnitude) eigenvalues of one symmetric P x P operator.
+
+    ``matvec(v) -> A v`` on vectors of ``dim`` entries. The recurrence is :func:`lanczos`'s (full
+    reorthogonalisation, random unit start from ``generator``); after step j the k largest Ritz values
+    theta_i of T_j, with residuals |beta_j s_i[j]|, stop the iteration once every residual is at most
+    ``tol * max_i |theta_i|`` over all Ritz values (a relative tolerance on the spectrum's scale, so an
+    eigenvalue near zero does not stall it), or when the Krylov space is exhausted. Ritz values never
+    exceed the largest eigenvalue, so a non-converged theta_1 is a lower bound of lambda_max. One start
+    vector sees each eigenvalue once: a repeated eigenvalue is reported once.
+    """
+    check_solver_options(tol, max_iter)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= dim:
+        raise ValueError(f"k must be an integer in 1..{dim} (the operator's dimension), got {k!r}")
+    steps = min(max(max_iter, k), dim)
+    q = random_unit_vectors(1, dim, generator=generator, dtype=dtype, device=device)
+    q_previous, beta = torch.zeros_like(q), torch.zeros(1, dtype=dtype, device=device)
+    basis = torch.empty(1, min(steps, 16), dim, dtype=dtype, device=device)  # grown on demand
+    alphas, betas = [], []
+    num_matvecs = 0
+    for j in range(steps):
+        if j == basis.shape[1]:
+            basis = _grow(basis, min(2 * j, steps))
+        basis[:, j] = q
+        w = matvec(q[0]).reshape(1, dim)
+        num_matvecs += 1
+        alpha = (q * w).sum(dim=-1)
+        w = w - alpha[:, None] * q - beta[:, None] * q_previous
+        q_previous, beta = q, _reorthogonalize(w, w, basis[:, : j + 1], basis[:, : j + 1])
+        alphas.append(float(_check_finite_products(alpha.double().cpu())))
+        betas.append(float(_check_finite_products(beta.double().cpu())))
+        a, b = torch.tensor(alphas, dtype=torch.float64), torch.tensor(betas[:-1], dtype=torch.float64)
+        T = torch.diag(a) + torch.diag(b, 1) + torch.diag(b, -1)
+        theta, S = torch.linalg.eigh(T)
+        top = min(k, j + 1)
+        values, residuals = theta.flip(0)[:top], (betas[-1] * S[j, :].flip(0)[:top]).abs()
+        exhausted = betas[-1] == 0.0 or j + 1 == dim
+        converged = torch.ones(top, dtype=torch.bool) if exhausted else residuals <= tol * theta.abs().max()
+        if exhausted or (top == k and bool(converged.all())):
+            break
+        q = w / beta[:, None]
+    vectors = None
+    if return_vectors:
+        vectors = S.flip(1)[:, :top].T.to(dtype=dtype, device=device) @ basis[0, : j + 1]
+        vectors = vectors / torch.linalg.vector_norm(vectors, dim=-1, keepdim=True)
+    return TopEigen(
+        values.to(device=device, dtype=dtype),
+        residuals.to(device=device, dtype=dtype),
+        converged.to(device),
+        vectors,
+        num_matvecs,
+    )

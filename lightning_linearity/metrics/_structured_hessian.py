@@ -205,3 +205,31 @@ class StructuredHessian:
                         post_dots[j - 1] += pulled[:, cols]
             delta_dots.reverse()
         return torch.cat([t for pair in zip(delta_dots, c_dots, strict=True) for t in pair], dim=1)
+
+    def energies(self, v: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Squared norms of the parameter-space vector V = E(v) (all batch elements), per layer l:
+        ``(rows, columns)`` with rows[b, r] = ||V_l[r, :]||^2 + V_{b,l}[r]^2 (the row's weights and its bias)
+        and columns[b, s] = ||V_l[:, s]||^2 (the weights reading c_l[s]). With p = s_l∘u_l and q_l, and
+        V_l = M_l ⊙ (p c_l^T + q_l y_l^T):
+
+            rows    = p^2 ∘ (M c^2 [+ 1]) + 2 p∘q ∘ M (c∘y) + q^2 ∘ M y^2,
+            columns = c^2 ∘ M^T p^2 + 2 c∘y ∘ M^T (p∘q) + y^2 ∘ M^T q^2.
+
+        No parameter-sized tensor is formed.
+        """
+        out = []
+        with torch.no_grad():
+            for layer, (u, y) in zip(self.layers, self._split(v), strict=True):
+                r = layer.rows
+                p, q, c = u * layer.scale, r.q, r.c
+                if layer.mask is None:
+                    rows = p * p * r.c_energy + 2 * p * q * (c * y).sum(1, keepdim=True)
+                    rows = rows + q * q * (y * y).sum(1, keepdim=True)
+                    cols = c * c * (p * p).sum(1, keepdim=True) + 2 * c * y * (p * q).sum(1, keepdim=True)
+                    cols = cols + y * y * r.q_energy
+                else:
+                    mask = layer.mask
+                    rows = p * p * r.c_energy + 2 * p * q * ((c * y) @ mask.T) + q * q * ((y * y) @ mask.T)
+                    cols = c * c * ((p * p) @ mask) + 2 * c * y * ((p * q) @ mask) + y * y * r.q_energy
+                out.append((rows, cols))
+        return out

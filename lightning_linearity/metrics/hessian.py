@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import Literal
 
 import torch
@@ -32,6 +33,7 @@ from torch.func import grad, jvp, vmap
 
 from lightning_linearity.metrics._functional import (
     Params,
+    as_layered_net,
     check_differentiable,
     check_finite,
     evaluate,
@@ -41,7 +43,7 @@ from lightning_linearity.metrics._functional import (
     resolve_layer,
     trainable_parameters,
 )
-from lightning_linearity.metrics._layered import Method, check_method, structured_net
+from lightning_linearity.metrics._layered import Method, check_method, source_columns, structured_net
 from lightning_linearity.metrics._linalg import (
     BatchedMatvec,
     ConvergenceWarning,
@@ -79,6 +81,13 @@ class HessianInfo:
         layer: display name of the hidden layer (``None`` for the network output).
         neurons: indices of the sampled neurons of that layer, in column order (``None`` for the output).
         method: ``"structured"`` or ``"generic"``, the path taken.
+        share_names: with ``eigenvector_shares``, the parameter groups of ``layer_shares``: ``layer_1`` ..
+            ``layer_L``, ``output`` for the package's networks, module names for other models.
+        layer_shares: (n, q, groups), the share ||v_g||^2 of each group's parameters in the unit top
+            eigenvector v of each Hessian (the eigenvector of the reported eigenvalue); rows sum to 1.
+        neuron_share: (n, q), the largest share of one hidden neuron (package's networks only; see
+            :func:`hessian_spectral_norm`).
+        top_neuron: (n, q, 2), that neuron as (hidden layer 1..L, index in the layer).
     """
 
     num_hvps: int
@@ -88,6 +97,10 @@ class HessianInfo:
     layer: str | None = None
     neurons: Tensor | None = None
     method: str = "generic"
+    share_names: tuple[str, ...] | None = None
+    layer_shares: Tensor | None = None
+    neuron_share: Tensor | None = None
+    top_neuron: Tensor | None = None
 
 
 def hessian_spectral_norm(
@@ -104,6 +117,7 @@ def hessian_spectral_norm(
     method: Method = "auto",
     columns: Sequence[int] | None = None,
     return_info: bool = False,
+    eigenvector_shares: bool = False,
 ) -> Tensor | tuple[Tensor, HessianInfo]:
     """||d^2 f_a(w; x_i) / dw^2||_2 for every probe point x_i and output a (MATH.md 2.4).
 
@@ -144,10 +158,20 @@ def hessian_spectral_norm(
             its value does not depend on the other columns: a DDP rank computes its share of the
             (probe, output) pairs and gets what one process computing all of them gets.
         return_info: also return a :class:`HessianInfo`.
+        eigenvector_shares: where the top eigenvector v (unit, of the eigenvalue reported) lives: its share
+            ||v_g||^2 per layer's weights (and biases) and the largest single-neuron share, in the info
+            (use with ``return_info=True``; only for the network output, ``layer=None``). Neuron r of hidden
+            layer l owns row r of W_l (and b_l[r]) and every column of a later layer's weight that reads
+            h_l[r] (FCN: column r of W_{l+1}; DenseNet / masked DAG: that column in every later layer,
+            output included); its share is the sum of the squared entries of v on those weights. The
+            shares of all neurons and of the output rows sum to more than 1 (a weight from h_j to h_l
+            belongs to a neuron of both layers).
 
     Returns:
         The norms (shape per ``reduction``, the parameters' dtype), and with ``return_info`` also the info.
     """
+    if eigenvector_shares and layer is not None:
+        raise ValueError("eigenvector_shares is only defined for the network output; pass layer=None")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     check_solver_options(tol, max_iter)
@@ -172,9 +196,9 @@ def hessian_spectral_norm(
             seed, q = seed[neurons], len(neurons)
         selected = _check_columns(columns, q).to(device)
 
-        def problem(probes: Tensor) -> tuple[BatchedMatvec, BatchedMatvec | None, int]:
+        def problem(probes: Tensor) -> tuple[BatchedMatvec, BatchedMatvec | None, int, Callable]:
             operator = StructuredHessian(net, probes, top, seed[selected])
-            return operator.matvec, operator.gram, operator.dim
+            return operator.matvec, operator.gram, operator.dim, operator.energies
 
         dim = 2 * coordinate_count(net, top)  # Lanczos keeps Q and G Q
     else:
@@ -192,19 +216,20 @@ def hessian_spectral_norm(
         def f(p: Params, xi: Tensor) -> Tensor:
             return g(p, xi.unsqueeze(0)).squeeze(0)[picked]
 
-        def problem(probes: Tensor) -> tuple[BatchedMatvec, BatchedMatvec | None, int]:
-            return hessian_operator(f, params, probes, len(picked)), None, num_parameters(params)
+        def problem(probes: Tensor) -> tuple[BatchedMatvec, BatchedMatvec | None, int, Callable]:
+            energies = partial(_flat_energies, model, params)
+            return hessian_operator(f, params, probes, len(picked)), None, num_parameters(params), energies
 
         dim = num_parameters(params)
 
-    def solve(probes: Tensor) -> EigenResult:
-        matvec, gram, size = problem(probes)
+    def solve(probes: Tensor) -> tuple[EigenResult, list | dict | None]:
+        matvec, gram, size, energies = problem(probes)
         # the start vectors of all q functions, of which the selected ones: a value does not depend on
         # which other columns are computed with it
         b = probes.shape[0]
         start = random_unit_vectors(b * total, size, generator=generator, dtype=dtype, device=device)
         start = start.view(b, total, size)[:, selected].reshape(-1, size)
-        return lanczos(
+        result = lanczos(
             matvec,
             start.shape[0],
             size,
@@ -215,15 +240,17 @@ def hessian_spectral_norm(
             max_iter=max_iter,
             gram=gram,
             start=start,
+            return_vectors=eigenvector_shares,
         )
+        return result, energies(result.vectors) if eigenvector_shares else None
 
     total, q = q, len(selected)
     if chunk_size is None:
         chunk_size = default_chunk_size(q, dim, max_iter)
-    values, converged, num_hvps = [], [], 0
+    values, converged, num_hvps, shares = [], [], 0, []
     for chunk in chunk_slices(n, chunk_size):
         try:
-            result = solve(x[chunk])
+            result, energy = solve(x[chunk])
         except FloatingPointError as err:
             raise FloatingPointError(
                 f"a Hessian-vector product of {type(model).__name__} on probes {chunk.start}.."
@@ -232,6 +259,8 @@ def hessian_spectral_norm(
         values.append(result.eigenvalue.abs().view(-1, q))
         converged.append(result.converged.view(-1, q))
         num_hvps += result.num_matvecs
+        if eigenvector_shares:
+            shares.append(_eigenvector_shares(as_layered_net(model), energy))
     values, converged = torch.cat(values), torch.cat(converged)
 
     failed = int((~converged).sum())
@@ -251,7 +280,70 @@ def hessian_spectral_norm(
     if not return_info:
         return values
     path = "generic" if net is None else "structured"
-    return values, HessianInfo(num_hvps, converged, max_iter, float(tol), layer_name, neurons, path)
+    info = HessianInfo(num_hvps, converged, max_iter, float(tol), layer_name, neurons, path)
+    if eigenvector_shares:
+        names = shares[0][0]
+        layer_shares = torch.cat([s[1] for s in shares]).view(n, q, len(names))
+        neuron = None if shares[0][2] is None else torch.cat([s[2] for s in shares]).view(n, q)
+        where = None if shares[0][3] is None else torch.cat([s[3] for s in shares]).view(n, q, 2)
+        info = replace(
+            info, share_names=names, layer_shares=layer_shares, neuron_share=neuron, top_neuron=where
+        )
+    return values, info
+
+
+LayerEnergies = list[tuple[Tensor, Tensor]]
+
+
+def _flat_energies(model: nn.Module, params: Params, vectors: Tensor) -> LayerEnergies | dict[str, Tensor]:
+    """Squared entries of flat parameter-space vectors (B, P) grouped as :func:`_eigenvector_shares` needs:
+    per layer of the package's network (row and column sums of its weight, the bias added to the rows;
+    zeros for frozen parameters), else per module name."""
+    numels = [p.numel() for p in params.values()]
+    parts = dict(zip(params, (t.pow(2) for t in vectors.split(numels, dim=1)), strict=True))
+    net = as_layered_net(model)
+    if net is None:
+        groups: dict[str, Tensor] = {}
+        for name, part in parts.items():
+            module = name.rpartition(".")[0] or name
+            groups[module] = groups.get(module, 0.0) + part.sum(dim=1)
+        return groups
+    names = {id(p): name for name, p in model.named_parameters()}
+    energies = []
+    for layer in net.layers:
+        weight = parts.get(names[id(layer.weight)])
+        b = vectors.shape[0]
+        if weight is None:
+            rows, cols = vectors.new_zeros(b, layer.out_features), vectors.new_zeros(b, layer.in_features)
+        else:
+            weight = weight.view(b, layer.out_features, layer.in_features)
+            rows, cols = weight.sum(dim=2), weight.sum(dim=1)
+        if layer.bias is not None and names[id(layer.bias)] in parts:
+            rows = rows + parts[names[id(layer.bias)]]
+        energies.append((rows, cols))
+    return energies
+
+
+def _eigenvector_shares(
+    net: LayeredNTKNet | None, energies: LayerEnergies | dict[str, Tensor]
+) -> tuple[tuple[str, ...], Tensor, Tensor | None, Tensor | None]:
+    """(group names, (B, groups) shares, (B,) largest hidden-neuron share, (B, 2) its (layer, index))."""
+    if isinstance(energies, dict):
+        stacked = torch.stack(list(energies.values()), dim=1)
+        return tuple(energies), stacked / stacked.sum(dim=1, keepdim=True), None, None
+    per_layer = torch.stack([rows.sum(dim=1) for rows, _ in energies], dim=1)
+    total = per_layer.sum(dim=1, keepdim=True)
+    owned = [rows.clone() for rows, _ in energies[:-1]]  # hidden neurons: own rows ...
+    for l in range(2, net.depth + 2):  # ... and the columns of later layers reading them
+        for j, cols in source_columns(net, l):
+            if j >= 1:
+                owned[j - 1] += energies[l - 1][1][:, cols]
+    best = torch.stack([o.max(dim=1).values for o in owned], dim=1)  # (B, L)
+    layer_index = best.argmax(dim=1)
+    index = torch.stack([owned[int(l)][b].argmax() for b, l in enumerate(layer_index)])
+    names = (*net.hidden_layer_names, "output")
+    where = torch.stack([layer_index + 1, index.to(layer_index.device)], dim=1)
+    return names, per_layer / total, best.max(dim=1).values / total[:, 0], where
 
 
 def _structured_path(

@@ -13,9 +13,11 @@ out_features = 1 (two classes, labels 0 and 1).
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+import math
+from collections.abc import Callable, Hashable, Sequence
 from typing import ClassVar, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -31,16 +33,52 @@ LossName = Literal["mse", "cross_entropy"]
 OptimizerName = Literal["sgd", "adam"]
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
+
+
 def hidden_widths(width: int, depth: int, widths: Sequence[int] | None) -> list[int]:
     """``widths`` when given (e.g. a bottleneck ``[1000, 16, 1000]``), else ``depth`` layers of ``width``."""
     if widths is not None:
-        if isinstance(widths, int) or len(widths) == 0:
+        if isinstance(widths, np.ndarray) and widths.ndim == 1:
+            widths = widths.tolist()
+        if not isinstance(widths, list | tuple) or len(widths) == 0:
             raise ValueError(f"widths must be a non-empty list of positive integers, got {widths!r}")
         return list(widths)
     for name, value in (("width", width), ("depth", depth)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not _is_int(value) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return [width] * depth
+    return [int(width)] * int(depth)
+
+
+def _check_rate(name: str, value: object, *, low: float, high: float, strict: bool, expected: str) -> float:
+    """``value`` as a float if it is a real number (no bool) in the range, else a one-line ``ValueError``."""
+    real = int | float | np.integer | np.floating
+    number = isinstance(value, real) and not isinstance(value, bool | np.bool_)
+    if not number or not (low < value if strict else low <= value) or not value < high:
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return float(value)
+
+
+def _allocate(build: Callable[[], LayeredNTKNet], sizes: list[int]) -> LayeredNTKNet:
+    """``build()``; a network too large for memory is a one-line ``ValueError`` naming the widths."""
+    try:
+        return build()
+    except (MemoryError, RuntimeError) as err:
+        if not isinstance(err, MemoryError) and "allocate" not in str(err):
+            raise
+        raise ValueError(
+            f"the network with hidden widths {sizes} does not fit in memory ({type(err).__name__}); "
+            f"use smaller width / widths"
+        ) from None
+
+
+def _edge_pairs(edges: object) -> object:
+    """An edge list with its list / tuple entries as tuples; anything else is passed on unchanged for
+    :func:`~lightning_linearity.nets.layer_edges` to name in its error."""
+    if not isinstance(edges, list | tuple):
+        return edges
+    return [tuple(e) if isinstance(e, list | tuple) else e for e in edges]
 
 
 class LinearityModule(LightningModule):
@@ -49,9 +87,13 @@ class LinearityModule(LightningModule):
     Args:
         loss: ``"mse"`` (1/2 sum of squares, the papers' setting) or ``"cross_entropy"``.
         optimizer: ``"sgd"`` (full-batch gradient descent when the data module is full-batch) or ``"adam"``.
-        lr: learning rate.
-        momentum: SGD momentum (0 is plain gradient descent).
-        weight_decay: L2 penalty passed to the optimiser.
+        lr: learning rate, positive and finite.
+        momentum: SGD momentum in [0, 1) (0 is plain gradient descent); must be 0 with ``"adam"``.
+        weight_decay: L2 penalty passed to the optimiser, finite and >= 0.
+
+    Raises:
+        ValueError: any of these out of range, NaN/inf, or of the wrong type (one line naming it); a network
+            too large for memory.
     """
 
     net: LayeredNTKNet
@@ -65,14 +107,22 @@ class LinearityModule(LightningModule):
         weight_decay: float = 0.0,
     ):
         super().__init__()
-        if loss not in ("mse", "cross_entropy"):
+        if not isinstance(loss, str) or loss not in ("mse", "cross_entropy"):
             raise ValueError(f"loss must be 'mse' or 'cross_entropy', got {loss!r}")
-        if optimizer not in ("sgd", "adam"):
+        if not isinstance(optimizer, str) or optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
-        if not lr > 0:
-            raise ValueError(f"lr must be positive, got {lr!r}")
-        if momentum < 0 or weight_decay < 0:
-            raise ValueError(f"momentum and weight_decay must be >= 0, got {momentum!r} and {weight_decay!r}")
+        positive = "positive and finite (a float)"
+        lr = _check_rate("lr", lr, low=0, high=math.inf, strict=True, expected=positive)
+        unit = "a float in [0, 1)"
+        momentum = _check_rate("momentum", momentum, low=0, high=1, strict=False, expected=unit)
+        weight_decay = _check_rate(
+            "weight_decay", weight_decay, low=0, high=math.inf, strict=False, expected="a finite float >= 0"
+        )
+        if optimizer == "adam" and momentum != 0:
+            raise ValueError(
+                f"momentum={momentum!r} applies to optimizer='sgd' only (Adam has no momentum argument); "
+                f"set momentum=0 or optimizer='sgd'"
+            )
         self.loss_name = loss
         self.optimizer_name = optimizer
         self.lr = lr
@@ -176,14 +226,18 @@ class _UniformNet(LinearityModule):
     ):
         super().__init__(loss, optimizer, lr, momentum, weight_decay)
         self.save_hyperparameters()
-        self.net = LayeredNTKNet(
-            in_features,
-            hidden_widths(width, depth, widths),
-            out_features,
-            connectivity=self.connectivity,
-            activation=activation,
-            bias=bias,
-            seed=init_seed,
+        sizes = hidden_widths(width, depth, widths)
+        self.net = _allocate(
+            lambda: LayeredNTKNet(
+                in_features,
+                sizes,
+                out_features,
+                connectivity=self.connectivity,
+                activation=activation,
+                bias=bias,
+                seed=init_seed,
+            ),
+            sizes,
         )
         self._init_metrics()
 
@@ -259,19 +313,23 @@ class MaskedDAGNet(LinearityModule):
         super().__init__(loss, optimizer, lr, momentum, weight_decay)
         self.save_hyperparameters()
         if edges is None:
-            self.net = LayeredNTKNet.masked_dag(
-                in_features,
-                hidden_widths(width, depth, widths),
-                out_features,
-                drop_prob=drop_prob,
-                mask_seed=mask_seed,
-                activation=activation,
-                bias=bias,
-                seed=init_seed,
+            sizes = hidden_widths(width, depth, widths)
+            self.net = _allocate(
+                lambda: LayeredNTKNet.masked_dag(
+                    in_features,
+                    sizes,
+                    out_features,
+                    drop_prob=drop_prob,
+                    mask_seed=mask_seed,
+                    activation=activation,
+                    bias=bias,
+                    seed=init_seed,
+                ),
+                sizes,
             )
         else:
             self.net = LayeredNTKNet.from_edges(
-                [tuple(e) for e in edges], inputs, outputs, activation=activation, bias=bias, seed=init_seed
+                _edge_pairs(edges), inputs, outputs, activation=activation, bias=bias, seed=init_seed
             )
             for name, given, actual in (
                 ("in_features", in_features, self.net.in_features),
@@ -279,7 +337,7 @@ class MaskedDAGNet(LinearityModule):
             ):
                 if given != actual:
                     raise ValueError(
-                        f"{name}={given} but the edge list has {actual}; use MaskedDAGNet.from_edges"
+                        f"{name}={given!r} but the edge list has {actual}; use MaskedDAGNet.from_edges"
                     )
         self._init_metrics()
 
@@ -294,8 +352,8 @@ class MaskedDAGNet(LinearityModule):
         """Build from an edge list, inferring ``in_features`` / ``out_features`` from its inputs/outputs."""
         from lightning_linearity.nets import layer_edges
 
-        edges = [list(e) for e in edges]
-        layout = layer_edges([tuple(e) for e in edges], inputs, outputs)
+        layout = layer_edges(_edge_pairs(edges), inputs, outputs)
+        edges = [list(e) for e in _edge_pairs(edges)]
         return cls(
             len(layout.inputs),
             len(layout.outputs),

@@ -83,7 +83,7 @@ class InMemoryDataModule(LightningDataModule, ABC):
         self.full_batch = _check_bool("full_batch", full_batch)
         self.shuffle = _check_bool("shuffle", shuffle)
         self.num_workers = check_int("num_workers", num_workers, minimum=0)
-        self.seed = check_int("seed", seed, minimum=0)
+        self.seed = check_int("seed", seed, minimum=0, maximum=2**64 - 1)
         self._splits: tuple[Split, Split, Split] | None = None
 
     # ------------------------------------------------------------------------------- subclass API

@@ -22,14 +22,37 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
 
 
-def check_int(name: str, value: object, *, minimum: int, allow_none: bool = False) -> int | None:
-    """Return ``value`` as an ``int`` if it is an integer ``>= minimum`` (or ``None`` when allowed)."""
+def check_int(
+    name: str, value: object, *, minimum: int, maximum: int | None = None, allow_none: bool = False
+) -> int | None:
+    """Return ``value`` as an ``int`` if it is an integer in ``[minimum, maximum]`` (or ``None`` when
+    allowed)."""
     if value is None and allow_none:
         return None
-    if not _is_int(value) or value < minimum:
-        allowed = f"an integer >= {minimum}" + (" or None" if allow_none else "")
+    if not _is_int(value) or value < minimum or (maximum is not None and value > maximum):
+        bound = f">= {minimum}" + ("" if maximum is None else f" and <= {_readable(maximum)}")
+        allowed = f"an integer {bound}" + (" or None" if allow_none else "")
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
     return int(value)
+
+
+def _readable(bound: int) -> str:
+    """``2**64 - 1`` rather than its twenty digits."""
+    power = (bound + 1).bit_length() - 1
+    return f"2**{power} - 1" if power > 16 and bound + 1 == 2**power else str(bound)
+
+
+def check_float32(array: np.ndarray, what: str, fix: str) -> np.ndarray:
+    """``array`` as float32, or a one-line ``ValueError`` if a finite value overflows float32's range."""
+    if array.dtype == np.float32:
+        return array
+    with np.errstate(over="ignore"):
+        cast = array.astype(np.float32)
+    if not np.isfinite(cast).all():
+        raise ValueError(
+            f"{what}: values beyond float32's range (|v| > {float(np.finfo(np.float32).max):.3g}); {fix}"
+        )
+    return cast
 
 
 def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
@@ -222,4 +245,4 @@ def normalize_splits(kind: str, train: np.ndarray, *others: np.ndarray) -> list[
             factor = np.divide(np.sqrt(a.shape[1]), norms, out=np.zeros_like(norms), where=norms > 0)
             out.append(a * factor.astype(a.dtype))
         arrays = out
-    return [a.astype(np.float32, copy=False) for a in arrays]
+    return [check_float32(a, "the inputs x", "rescale them") for a in arrays]

@@ -11,6 +11,7 @@ import torch
 from lightning_linearity.data._base import InMemoryDataModule, Split
 from lightning_linearity.data._preprocess import (
     Normalization,
+    _is_int,
     balanced_order,
     carve,
     check_int,
@@ -161,6 +162,8 @@ class CIFAR10DataModule(InMemoryDataModule):
             batch_size=batch_size, full_batch=full_batch, shuffle=shuffle, num_workers=num_workers, seed=seed
         )
         self.save_hyperparameters()
+        if not isinstance(data_dir, str | Path):
+            raise ValueError(f"data_dir must be a folder path (str), got {data_dir!r}")
         self.data_dir = Path(data_dir).expanduser()
         if not self.data_dir.is_dir():
             raise FileNotFoundError(
@@ -193,8 +196,8 @@ class CIFAR10DataModule(InMemoryDataModule):
         for c in classes:
             if isinstance(c, str) and c in self.label_names:
                 resolved.append(self.label_names.index(c))
-            elif isinstance(c, int) and not isinstance(c, bool) and 0 <= c < NUM_CLASSES:
-                resolved.append(c)
+            elif _is_int(c) and 0 <= c < NUM_CLASSES:
+                resolved.append(int(c))
             else:
                 raise ValueError(
                     f"unknown CIFAR-10 class {c!r} in classes={list(classes)!r}; use names from "

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from lightning_linearity.data._base import InMemoryDataModule, Split
-from lightning_linearity.data._preprocess import check_choice, check_int
+from lightning_linearity.data._preprocess import check_choice, check_float32, check_int
 
 Labels = Literal["teacher", "random"]
 
@@ -116,7 +116,7 @@ class GaussianDataModule(InMemoryDataModule):
             x = np.random.default_rng([self.seed, stream]).standard_normal((n, d))
             eps = np.random.default_rng([self.seed, stream, _TARGETS]).standard_normal((n, k))
             y = teacher_network(x, w, v) + self.noise * eps if self.labels == "teacher" else eps
-            splits.append(
-                Split(torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.float32)))
-            )
+            fix = f"noise={self.noise!r} is too large; use a noise level within float32's range"
+            y = check_float32(y, "the targets", fix)
+            splits.append(Split(torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y)))
         return tuple(splits)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from lightning_linearity.data._preprocess import (
     Normalization,
     balanced_order,
     carve,
+    check_float32,
     check_int,
     check_normalize,
     check_unique,
@@ -28,11 +29,19 @@ NPZ_SUFFIXES = (".npz",)
 TORCH_SUFFIXES = (".pt", ".pth")
 
 
+def _reason(err: BaseException) -> str:
+    """``Type: message`` of a loader's error in one line (torch's weights_only refusal spans several lines:
+    keep the one that names what was refused)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    useful = [line for line in lines if "weights_only" not in line and not line.startswith("Check the doc")]
+    return f"{type(err).__name__}: {(useful or lines or [''])[0]}"
+
+
 def _load_npz(path: Path, keys: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
     try:
         archive = np.load(path, allow_pickle=False)
     except Exception as err:  # a corrupted archive can fail as BadZipFile, ValueError, OSError, EOFError
-        raise ValueError(f"{path}: not a readable NumPy .npz archive ({type(err).__name__}: {err})") from err
+        raise ValueError(f"{path}: not a readable NumPy .npz archive ({_reason(err)})") from err
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise ValueError(
             f"{path}: expected a .npz archive of named arrays (np.savez), found a single .npy array"
@@ -46,9 +55,7 @@ def _load_npz(path: Path, keys: tuple[str, str]) -> tuple[np.ndarray, np.ndarray
         try:
             return archive[keys[0]], archive[keys[1]]
         except Exception as err:  # object arrays (pickles) are refused; a damaged member fails to decode
-            raise ValueError(
-                f"{path}: could not read arrays {list(keys)} ({type(err).__name__}: {err})"
-            ) from err
+            raise ValueError(f"{path}: could not read arrays {list(keys)} ({_reason(err)})") from err
 
 
 def _load_torch(path: Path, keys: tuple[str, str]) -> tuple[Any, Any]:
@@ -56,8 +63,7 @@ def _load_torch(path: Path, keys: tuple[str, str]) -> tuple[Any, Any]:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupted zip, truncated file, or a pickle that weights_only refuses
         raise ValueError(
-            f"{path}: not a readable torch file of tensors with weights_only=True "
-            f"({type(err).__name__}: {err})"
+            f"{path}: not a readable torch file of tensors with weights_only=True ({_reason(err)})"
         ) from err
     if not isinstance(content, Mapping):
         raise ValueError(
@@ -96,6 +102,9 @@ def load_xy_file(path: str | Path, x_key: str = "x", y_key: str = "y") -> tuple[
 
 def _to_numpy(name: str, value: Any, source: str) -> np.ndarray:
     if isinstance(value, Tensor):
+        if value.is_nested or value.is_quantized or value.layout != torch.strided:
+            kind = "nested" if value.is_nested else "quantized" if value.is_quantized else str(value.layout)
+            raise ValueError(f"{source}: {name} must be a dense tensor of real numbers, got a {kind} tensor")
         value = value.detach().cpu()
         if value.is_floating_point() and value.dtype not in (torch.float32, torch.float64):
             value = value.float()  # bfloat16 / float16 have no (exact) numpy twin
@@ -181,6 +190,8 @@ class TensorDataModule(InMemoryDataModule):
         if (path is None) == (x is None and y is None):
             raise ValueError("give either path (a .npz / .pt file) or both x and y, not both and not neither")
         if path is not None:
+            if not isinstance(path, str | Path):
+                raise ValueError(f"path must be a file path (str), got {path!r}")
             source = str(Path(path).expanduser())
             x, y = load_xy_file(path, x_key, y_key)
         else:
@@ -234,6 +245,8 @@ class TensorDataModule(InMemoryDataModule):
                 raise ValueError(f"{src}: integer (class index) targets must have shape (n,), got {y.shape}")
             if y.min() < 0:
                 raise ValueError(f"{src}: class indices must be >= 0, found {y.min()}")
+            if y.max() > np.iinfo(np.int64).max:
+                raise ValueError(f"{src}: class index {y.max()} does not fit int64; labels must be 0..C-1")
             y = y.astype(np.int64)
         elif np.issubdtype(y.dtype, np.floating):
             if y.ndim == 1:
@@ -242,7 +255,7 @@ class TensorDataModule(InMemoryDataModule):
                 raise ValueError(f"{src}: regression targets must have shape (n,) or (n, k), got {y.shape}")
             if not np.isfinite(y).all():
                 raise ValueError(f"{src}: y contains NaN or infinite values")
-            y = y.astype(np.float32)
+            y = check_float32(y, f"{src}: y", "rescale the targets")
         else:
             raise ValueError(
                 f"{src}: y has dtype {y.dtype}; "
@@ -257,7 +270,7 @@ class TensorDataModule(InMemoryDataModule):
                 raise ValueError(
                     f"{src}: give classes or num_classes, not both (classes fixes C = len(classes))"
                 )
-            if isinstance(classes, str | bytes) or len(classes) == 0:
+            if isinstance(classes, str | bytes) or not isinstance(classes, Sequence) or len(classes) == 0:
                 raise ValueError(f"{src}: classes must be a non-empty list of labels, got {classes!r}")
             for c in classes:
                 if isinstance(c, bool) or not isinstance(c, int | np.integer) or c not in present:

@@ -137,6 +137,8 @@ def neuron_gradient_cosines(
         isinstance(num_neurons, bool) or not isinstance(num_neurons, int) or num_neurons < 2
     ):
         raise ValueError(f"num_neurons must be None or an integer >= 2 (a pair), got {num_neurons!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     check_chunk_size(chunk_size)
     check_probes(x)
     params = trainable_parameters(model)

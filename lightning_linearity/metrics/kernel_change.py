@@ -34,15 +34,20 @@ def relative_kernel_change(kernel_t: Tensor, kernel_0: Tensor, ord: Norm = "spec
         A scalar tensor, computed in float64 and returned in ``kernel_t``'s dtype.
 
     Raises:
-        ValueError: unknown ``ord``, matrices that are not 2-D, of different shapes, or K_0 = 0.
+        ValueError: unknown ``ord``, matrices that are not 2-D, empty, not real floating point, of
+            different shapes, or K_0 = 0.
         FloatingPointError: NaN or inf in either kernel.
     """
-    if ord not in _MATRIX_NORM_ORD:
+    if not isinstance(ord, str) or ord not in _MATRIX_NORM_ORD:
         raise ValueError(f"ord must be 'spectral' or 'fro', got {ord!r}")
     for name, kernel in (("kernel_t", kernel_t), ("kernel_0", kernel_0)):
         if not isinstance(kernel, Tensor) or kernel.dim() != 2:
             shape = tuple(kernel.shape) if isinstance(kernel, Tensor) else type(kernel).__name__
             raise ValueError(f"{name} must be a 2-D kernel matrix, got shape {shape}")
+        if not kernel.is_floating_point():
+            raise ValueError(f"{name} must be a real floating-point matrix, got dtype {kernel.dtype}")
+        if kernel.numel() == 0:
+            raise ValueError(f"{name} is empty (shape {tuple(kernel.shape)}); it needs a probe point or more")
         check_finite(kernel, name)
     if kernel_t.shape != kernel_0.shape:
         raise ValueError(

@@ -19,6 +19,7 @@ from torch.func import jvp
 from lightning_linearity.metrics._functional import (
     Params,
     check_finite,
+    check_probes,
     evaluate,
     functional_model,
     trainable_parameters,
@@ -48,11 +49,17 @@ def _initial_parameters(model: nn.Module, params_0: dict[str, Tensor]) -> tuple[
 
     ``params_0`` must hold every trainable parameter under its ``named_parameters`` name with the same
     shape; entries for frozen parameters (``requires_grad=False``) are ignored, any other extra name is an
-    error.
+    error. Entries must be real tensors (``TypeError`` / ``ValueError`` otherwise) without NaN or inf
+    (``FloatingPointError``).
     """
     params = trainable_parameters(model)
     if not isinstance(params_0, dict):
         raise TypeError(f"params_0 must be a dict name -> tensor, got {type(params_0).__name__}")
+    for name, value in params_0.items():
+        if not isinstance(value, Tensor):
+            raise TypeError(f"params_0[{name!r}] must be a tensor, got {type(value).__name__}")
+        if value.is_complex() or value.dtype == torch.bool:
+            raise ValueError(f"params_0[{name!r}] must hold real numbers, got dtype {value.dtype}")
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
     missing = sorted(set(params) - set(params_0))
     unexpected = sorted(set(params_0) - set(params) - frozen)
@@ -67,7 +74,10 @@ def _initial_parameters(model: nn.Module, params_0: dict[str, Tensor]) -> tuple[
             f"missing {missing}, unexpected {unexpected}, shape mismatch (params_0 != model) {mismatched}; "
             f"take it as {{n: p.detach().clone() for n, p in model.named_parameters()}}"
         )
-    return params, {name: params_0[name].detach().to(p) for name, p in params.items()}
+    initial = {name: params_0[name].detach().to(p) for name, p in params.items()}
+    for name, value in initial.items():
+        check_finite(value, f"the entry {name!r} at params_0")
+    return params, initial
 
 
 def _distance(params: Params, params_0: Params) -> Tensor:
@@ -101,6 +111,7 @@ def linearization_error(model: nn.Module, params_0: dict[str, Tensor], x: Tensor
 
     The model's parameters, ``.grad``, train/eval mode and the global random state are not changed.
     """
+    check_probes(x)
     params, params_0 = _initial_parameters(model, params_0)
     f_w = evaluate(model, x)
     f = functional_model(model)

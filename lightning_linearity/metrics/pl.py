@@ -36,8 +36,16 @@ def square_loss_targets(y: Tensor, out: Tensor) -> Tensor:
     (k > 1) or +/-1 (k = 1, two classes labelled 0 and 1).
 
     Raises:
-        ValueError: labels that do not fit the outputs, or targets of another size than the outputs.
+        ValueError: labels that do not fit the outputs, targets of another size than the outputs, boolean
+            or complex targets, or ``out`` that is not an (n, k) tensor.
     """
+    for name, value in (("y", y), ("out", out)):
+        if not isinstance(value, Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(value).__name__}")
+    if out.dim() != 2:
+        raise ValueError(f"out must be the model output of shape (n, k), got shape {tuple(out.shape)}")
+    if y.dtype == torch.bool or y.is_complex():
+        raise ValueError(f"y has dtype {y.dtype}; use integer class labels or real (float) regression values")
     if y.dtype.is_floating_point:
         if y.numel() != out.numel():
             raise ValueError(
@@ -78,12 +86,15 @@ def kernel_spectrum(kernel: Tensor) -> KernelSpectrum:
     """Eigenvalue summary of a symmetric kernel matrix (``torch.linalg.eigvalsh`` in float64).
 
     Raises:
-        ValueError: ``kernel`` is not a square matrix, is empty, or is not symmetric (up to rounding).
+        ValueError: ``kernel`` is not a real floating-point square matrix, is empty, or is not symmetric
+            (up to rounding).
         FloatingPointError: it holds NaN or inf.
     """
     if not isinstance(kernel, Tensor) or kernel.dim() != 2 or kernel.shape[0] != kernel.shape[1]:
         shape = tuple(kernel.shape) if isinstance(kernel, Tensor) else type(kernel).__name__
         raise ValueError(f"the kernel must be a square matrix, got shape {shape}")
+    if not kernel.is_floating_point():
+        raise ValueError(f"the kernel must be a real floating-point matrix, got dtype {kernel.dtype}")
     if kernel.shape[0] == 0:
         raise ValueError("the kernel is empty (no probe points)")
     check_finite(kernel, "the kernel")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from lightning_linearity._compat import MisconfigurationException
@@ -61,6 +62,48 @@ class SweepError(ValueError):
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _short(value: object, limit: int = 200) -> str:
+    """``repr(value)`` on one line, cut at ``limit`` characters (a numpy array's repr spans lines)."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _as_list(value: object) -> object:
+    """A 1-d numpy array or a list of numpy integers as a list of Python ints (YAML gives these already)."""
+    if isinstance(value, np.ndarray) and value.ndim == 1:
+        value = value.tolist()
+    if isinstance(value, list | tuple):
+        return [int(v) if isinstance(v, np.integer) else v for v in value]
+    return value
+
+
+#: Most values (every list entry and mapping value counted) a config may hold; YAML aliases can make a small
+#: file expand to billions ("billion laughs") or refer to itself.
+MAX_CONFIG_VALUES = 100_000
+
+
+def _check_size(value: Any, where: str) -> None:
+    """Refuse a config value that refers to itself or expands to more than :data:`MAX_CONFIG_VALUES`."""
+    count, stack, open_ids = 0, [(value, False)], set()
+    while stack:
+        item, leaving = stack.pop()
+        if leaving:
+            open_ids.discard(id(item))
+            continue
+        count += 1
+        if count > MAX_CONFIG_VALUES:
+            raise SweepError(
+                f"{where} holds more than {MAX_CONFIG_VALUES} values (nested YAML aliases?); "
+                f"a sweep config is a few fields"
+            )
+        if isinstance(item, Mapping | list | tuple):
+            if id(item) in open_ids:
+                raise SweepError(f"{where} refers to itself (a recursive YAML alias); write the values out")
+            open_ids.add(id(item))
+            stack.append((item, True))
+            stack.extend((v, False) for v in (item.values() if isinstance(item, Mapping) else item))
 
 
 def _plain(value: Any) -> Any:
@@ -144,14 +187,16 @@ class SweepConfig:
     curves: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        for name in ("model_args", "data", "monitor_args", "claims"):
+            _check_size(getattr(self, name), name)
         for name in ("widths", "metrics", "seeds", "claims", "curves"):
-            value = getattr(self, name)
+            value = _as_list(getattr(self, name)) if name in ("widths", "seeds") else getattr(self, name)
             if isinstance(value, str | bytes) or not isinstance(value, Sequence):
-                raise SweepError(f"{name} must be a list, got {value!r}")
+                raise SweepError(f"{name} must be a list, got {_short(value)}")
             object.__setattr__(self, name, tuple(value))
         for name in ("model_args", "data", "monitor_args"):
             if not isinstance(getattr(self, name), Mapping):
-                raise SweepError(f"{name} must be a mapping, got {getattr(self, name)!r}")
+                raise SweepError(f"{name} must be a mapping, got {_short(getattr(self, name))}")
             object.__setattr__(self, name, _plain(getattr(self, name)))
         self._check()
 
@@ -167,9 +212,12 @@ class SweepConfig:
         if (
             not self.seeds
             or any(not _is_int(s) or s < 0 for s in self.seeds)
+            or any(s >= 2**64 for s in self.seeds)
             or len(set(self.seeds)) != len(self.seeds)
         ):
-            raise SweepError(f"seeds must be distinct non-negative integers, got {list(self.seeds)!r}")
+            raise SweepError(
+                f"seeds must be distinct non-negative integers below 2**64, got {list(self.seeds)!r}"
+            )
         if self.model not in MODELS:
             raise SweepError(f"model must be one of {list(MODELS)}, got {self.model!r}")
         if self.mode not in MODES:
@@ -207,7 +255,9 @@ class SweepConfig:
         if self.threads is not None and (not _is_int(self.threads) or self.threads < 1):
             raise SweepError(f"threads must be a positive integer or null, got {self.threads!r}")
         if self.reference_slope is not None and (
-            not isinstance(self.reference_slope, int | float) or not math.isfinite(self.reference_slope)
+            not isinstance(self.reference_slope, int | float)
+            or isinstance(self.reference_slope, bool)
+            or not math.isfinite(self.reference_slope)
         ):
             raise SweepError(f"reference_slope must be a number or null, got {self.reference_slope!r}")
         if self.fit_against not in FIT_AGAINST:
@@ -216,6 +266,21 @@ class SweepConfig:
             raise SweepError(f"ci must be one of {list(CI_METHODS)}, got {self.ci!r}")
         if not _positive(self.confidence) or self.confidence >= 1:
             raise SweepError(f"confidence must be in (0, 1), got {self.confidence!r}")
+        if not isinstance(self.out, str | Path) or not str(self.out).strip():
+            raise SweepError(f"out must be an output folder path (a non-empty string), got {self.out!r}")
+        if not isinstance(self.name, str):
+            raise SweepError(f"name must be a string (the sweep's title), got {self.name!r}")
+        if not isinstance(self.progress, bool):
+            raise SweepError(f"progress must be true or false, got {self.progress!r}")
+        for metric, options in self.monitor_args.items():
+            if not isinstance(options, Mapping):
+                raise SweepError(
+                    f"monitor_args[{metric!r}] must be a mapping of that metric's options, e.g. "
+                    f"{{max_iter: 200}}; got {options!r}"
+                )
+        for claim in self.claims:
+            if not isinstance(claim, Mapping):
+                raise SweepError(f"each claim must be a mapping (column, slope, ...), got {claim!r}")
         if Path(self.out).exists() and not Path(self.out).is_dir():
             raise SweepError(f"the output folder {self.out!r} is a file; give a folder path")
         try:
@@ -299,32 +364,61 @@ def load_config_file(path: str | Path, profile: str | None = None) -> dict[str, 
     """The fields of a YAML sweep config, with the overrides of ``profile`` applied.
 
     Raises:
-        SweepError: missing or unreadable file, not a mapping, unknown keys, unknown profile.
+        SweepError: missing or unreadable file, invalid YAML, not a mapping, unknown keys, unknown or
+            malformed profile, a file that refers to itself or expands to more than
+            :data:`MAX_CONFIG_VALUES` values (all in one line).
     """
+    if not isinstance(path, str | Path):
+        raise SweepError(f"the config path must be a file path (str), got {path!r}")
     path = Path(path)
+    where = f"config file {str(path)!r}"
+    if path.is_dir():
+        raise SweepError(f"{where} is a folder; give the path of a YAML file")
     if not path.is_file():
-        raise SweepError(f"config file {str(path)!r} does not exist")
+        raise SweepError(f"{where} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
-        raise SweepError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+        raise SweepError(f"{where} is not valid YAML: {_yaml_problem(err)}") from None
+    except UnicodeDecodeError as err:
+        raise SweepError(f"{where} is not UTF-8 text (byte {err.start}); a sweep config is YAML") from None
+    except OSError as err:
+        raise SweepError(f"{where} cannot be read: {err.strerror or err}") from None
+    except RecursionError:
+        raise SweepError(f"{where} is nested too deeply to be a sweep config") from None
     if not isinstance(raw, Mapping):
-        raise SweepError(f"config file {str(path)!r} must hold a mapping of sweep fields")
+        raise SweepError(f"{where} must hold a mapping of sweep fields")
+    _check_size(raw, where)
     raw = dict(raw)
     profiles = raw.pop("profiles", None) or {}
-    check_fields(raw, f"config file {str(path)!r}")
+    check_fields(raw, where)
+    if not isinstance(profiles, Mapping):
+        raise SweepError(f"{where}: profiles must be a mapping name -> overrides, got {_short(profiles)}")
     if profile is not None:
         if profile not in profiles:
+            names = sorted(map(str, profiles))
+            raise SweepError(f"{where} has no profile {profile!r}; profiles: {names}")
+        overrides = profiles[profile]
+        if not isinstance(overrides, Mapping):
             raise SweepError(
-                f"config file {str(path)!r} has no profile {profile!r}; profiles: {sorted(profiles)}"
+                f"{where}: profile {profile!r} must be a mapping of field overrides, got {_short(overrides)}"
             )
-        check_fields(profiles[profile], f"profile {profile!r}")
-        raw.update(profiles[profile])
+        check_fields(overrides, f"profile {profile!r}")
+        raw.update(overrides)
     return raw
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where (PyYAML's own message spans several lines)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or " ".join(str(err).split())
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
 def check_fields(values: Mapping[str, Any], where: str) -> None:
-    unknown = sorted(set(values) - set(CONFIG_FIELDS))
+    if not isinstance(values, Mapping):
+        raise SweepError(f"{where} must be a mapping of sweep fields, got {_short(values)}")
+    unknown = sorted(set(values) - set(CONFIG_FIELDS), key=repr)
     if unknown:
         raise SweepError(f"{where}: unknown field(s) {unknown}; valid fields: {list(CONFIG_FIELDS)}")
 

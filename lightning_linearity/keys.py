@@ -18,6 +18,11 @@ name (under ``linearity/``)        metric              what (docs/math.md)
 ``linearization_error_mean``,      ``linearization``   |f(w) - f_lin(w)| (2.6), relative to
 ``_max``, ``_relative``                                |f(w) - f(w_0)|
 ``distance_from_init``             ``linearization``   ||w_t - w_0|| (2.6)
+``kernel_regime``                  ``kernel_regime``   ||K_t - kron(Theta, I_k)|| / ||kron(Theta, I_k)|| (2.8)
+``sharpness``                      ``sharpness``       top eigenvalue of the loss Hessian on the probes (2.9)
+``sharpness_gauss_newton``         ``sharpness``       top eigenvalue of its Gauss-Newton part
+``edge_of_stability``              ``sharpness``       eta * sharpness / 2 (unstable above 1)
+``catapult``                       ``sharpness``       eta * lambda_max(K) / 2 (catapult regime above 1)
 ``seconds/<stage>``                (every round)       wall time of each part of the round
 ``overhead``                       (every round)       the monitor's share of the wall time so far
 =================================  ==================  ===============================================
@@ -48,6 +53,11 @@ LINEARIZATION_ERROR_MEAN = "linearization_error_mean"
 LINEARIZATION_ERROR_MAX = "linearization_error_max"
 LINEARIZATION_ERROR_RELATIVE = "linearization_error_relative"
 DISTANCE_FROM_INIT = "distance_from_init"
+KERNEL_REGIME = "kernel_regime"
+SHARPNESS = "sharpness"
+SHARPNESS_GAUSS_NEWTON = "sharpness_gauss_newton"
+EDGE_OF_STABILITY = "edge_of_stability"
+CATAPULT = "catapult"
 #: Group of the per-stage round times, ``seconds/<stage>`` (and ``seconds/round``, the whole round).
 SECONDS_GROUP = "seconds"
 #: The monitor's share of the wall time of training so far (rounds / (rounds + training)).
@@ -77,8 +87,18 @@ GROUPS: dict[str, Group] = {
     "linearization_error": Group("linearisation error  |f - f_lin|"),
     LINEARIZATION_ERROR_RELATIVE: Group("relative linearisation error  |f - f_lin| / |f - f_0|"),
     DISTANCE_FROM_INIT: Group("distance from init  ‖w_t - w_0‖"),
+    KERNEL_REGIME: Group("distance from the infinite-width kernel  ‖K_t - Θ⊗I‖ / ‖Θ⊗I‖"),
+    SHARPNESS: Group("loss sharpness  λ_max(∇²L) (and its Gauss-Newton part)"),
+    EDGE_OF_STABILITY: Group("η · sharpness / 2  (edge of stability at 1)"),
+    CATAPULT: Group("η · λ_max(K) / 2  (catapult above 1)"),
     SECONDS_GROUP: Group("seconds per round", plotted=False),
     OVERHEAD: Group("monitor's share of wall time", plotted=False),
+}
+
+#: Keys whose group does not follow from their name: ``{key: (group, label)}``.
+_EXPLICIT_GROUPS = {
+    SHARPNESS: (SHARPNESS, "loss Hessian"),
+    SHARPNESS_GAUSS_NEWTON: (SHARPNESS, "Gauss-Newton"),
 }
 
 #: (key, short name) of the progress-bar summary, shown when present.
@@ -112,6 +132,8 @@ def group_of(name: str) -> tuple[str, str]:
     ``hessian_norm_max/layer_2`` -> (hessian_norm, max layer_2); ``seconds/ntk`` -> (seconds, ntk);
     ``kernel_change`` -> (kernel_change, kernel_change).
     """
+    if name in _EXPLICIT_GROUPS:
+        return _EXPLICIT_GROUPS[name]
     base, _, sub = name.partition("/")
     stem, _, suffix = base.rpartition("_")
     if not (stem and suffix in SUMMARY_SUFFIXES):

@@ -447,7 +447,7 @@ def test_nan_in_the_model_is_reported_once_and_never_raised(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(metrics=["ntk", "sharpness"]), "unknown metric 'sharpness'; valid metric names are"),
+        (dict(metrics=["ntk", "sharpnes"]), "unknown metric 'sharpnes'; valid metric names are"),
         (dict(every_n_steps=0), "every_n_steps must be an integer >= 1"),
         (dict(metrics={"hessian_norm": {"tolerance": 1e-3}}), r"unknown option\(s\) \['tolerance'\]"),
         (dict(metrics={"hessian_norm": {"tol": -1.0}}), "tol must be a positive number"),

@@ -38,6 +38,7 @@ from lightning_linearity import keys
 from lightning_linearity._compat import MisconfigurationException
 from lightning_linearity.callbacks._probe import ProbeSet
 from lightning_linearity.metrics._functional import (
+    as_layered_net,
     check_finite,
     evaluate,
     layer_output_model,
@@ -46,12 +47,14 @@ from lightning_linearity.metrics._functional import (
     trainable_parameters,
 )
 from lightning_linearity.metrics._layered import Method, check_method, structured_net
+from lightning_linearity.metrics.analytic import analytic_ntk
 from lightning_linearity.metrics.cosines import hidden_layers, neuron_gradient_cosines
 from lightning_linearity.metrics.hessian import hessian_spectral_norm
 from lightning_linearity.metrics.kernel_change import relative_kernel_change
 from lightning_linearity.metrics.linearization import linearization_error
 from lightning_linearity.metrics.ntk import NTKFactors, empirical_ntk, structured_factors, structured_kernel
 from lightning_linearity.metrics.pl import kernel_spectrum, pl_ratio
+from lightning_linearity.metrics.sharpness import loss_sharpness
 from lightning_linearity.nets.network import LayeredNTKNet
 
 Layer = int | str
@@ -73,6 +76,7 @@ class RoundContext:
             after it (that round failed) takes it in its next successful round and says from which step
             its values count.
         step: the global step of the round.
+        lr: the optimiser's current step size (its first parameter group), ``None`` without an optimiser.
     """
 
     model: nn.Module
@@ -81,6 +85,7 @@ class RoundContext:
     seed: int
     take_references: bool
     step: int = 0
+    lr: float | None = None
 
     def generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed)
@@ -154,6 +159,42 @@ class KernelChangeOptions:
     def __post_init__(self) -> None:
         if self.ord not in ("spectral", "fro"):
             raise ValueError(f"ord must be 'spectral' or 'fro', got {self.ord!r}")
+
+
+@dataclass(frozen=True)
+class KernelRegimeOptions:
+    """Options of ``kernel_regime``: ||K_t - kron(Theta, I_k)|| / ||kron(Theta, I_k)|| (docs/math.md 2.8), the
+    distance of the empirical NTK from the infinite-width one, in the matrix norm ``ord``."""
+
+    ord: Literal["spectral", "fro"] = "spectral"
+
+    def __post_init__(self) -> None:
+        if self.ord not in ("spectral", "fro"):
+            raise ValueError(f"ord must be 'spectral' or 'fro', got {self.ord!r}")
+
+
+@dataclass(frozen=True)
+class SharpnessOptions:
+    """Options of ``sharpness`` (docs/math.md 2.9): the top eigenvalue of the loss Hessian on the probe set
+    (with its targets), its Gauss-Newton part, and both against the optimiser's current step size.
+
+    Attributes:
+        loss: ``"mse"`` (1/2 sum ||f - y||^2 over the probe set, class labels one-hot) or
+            ``"cross_entropy"`` (the mean over the probe set).
+        tol: relative tolerance of Lanczos.
+        max_iter: Hessian-vector products per eigenvalue, at most.
+    """
+
+    loss: Literal["mse", "cross_entropy"] = "mse"
+    tol: float = 1e-3
+    max_iter: int = 100
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("mse", "cross_entropy"):
+            raise ValueError(f"loss must be 'mse' or 'cross_entropy', got {self.loss!r}")
+        if isinstance(self.tol, bool) or not isinstance(self.tol, int | float) or not 0 < self.tol < math.inf:
+            raise ValueError(f"tol must be a positive number, got {self.tol!r}")
+        _check_positive_int("max_iter", self.max_iter, allow_none=False)
 
 
 @dataclass(frozen=True)
@@ -248,9 +289,11 @@ class LinearizationOptions:
 OPTIONS: dict[str, type] = {
     "ntk": NTKOptions,
     "kernel_change": KernelChangeOptions,
+    "kernel_regime": KernelRegimeOptions,
     "hessian_norm": HessianOptions,
     "grad_cosines": CosineOptions,
     "linearization": LinearizationOptions,
+    "sharpness": SharpnessOptions,
 }
 METRIC_NAMES: tuple[str, ...] = tuple(OPTIONS)
 
@@ -359,16 +402,35 @@ class Kernel(Stage):
 
     ntk: NTKOptions | None
     change: KernelChangeOptions | None
+    regime: KernelRegimeOptions | None = None
     metrics: tuple[str, ...] = field(init=False)
     name: str = "kernel"
     reference: Tensor | None = field(default=None, init=False)  # K_0
     reference_step: int = field(default=0, init=False)  # the step K_0 was taken at
     latest: Tensor | None = field(default=None, init=False)  # K of the last round
     change_max: float = field(default=0.0, init=False)
+    theta: Tensor | None = field(default=None, init=False)  # the infinite-width NTK on the probe set
 
     def __post_init__(self) -> None:
-        served = (("ntk", self.ntk), ("kernel_change", self.change))
+        served = (("ntk", self.ntk), ("kernel_change", self.change), ("kernel_regime", self.regime))
         self.metrics = tuple(name for name, options in served if options is not None)
+
+    def setup(self, model: nn.Module, dtype: torch.dtype) -> None:
+        """``kernel_regime`` needs the infinite-width limit of the model: the package's FCN, DenseNet or
+        random-mask DAG (:func:`~lightning_linearity.metrics.analytic_ntk` says why another has none). Without
+        one, ``kernel_regime`` alone is turned off (a warning), the stage's other metrics stay."""
+        if self.regime is None:
+            return
+        net = as_layered_net(model)
+        try:
+            analytic_ntk(model, torch.zeros(1, net.in_features if net is not None else 1, dtype=dtype))
+        except ValueError as err:
+            if self.metrics == ("kernel_regime",):
+                raise MisconfigurationException(f"kernel_regime: {err}") from err
+            message = f"LinearityMonitor: kernel_regime is off for this run: {err} (training continues)"
+            warnings.warn(message, stacklevel=2)
+            self.regime = None
+            self.__post_init__()
 
     @property
     def _kernel_options(self) -> NTKOptions:
@@ -419,6 +481,12 @@ class Kernel(Stage):
             values[keys.NTK_TRACE] = float(spectrum.trace)
             if self.ntk.pl_ratio and ctx.targets is not None:
                 values[keys.PL_RATIO] = float(pl_ratio(ctx.model, ctx.probe.x, ctx.targets))
+        if self.regime is not None:
+            if self.theta is None:  # Theta depends on the probe set and the architecture, not on w
+                self.theta = analytic_ntk(ctx.model, ctx.probe.x).to(kernel)
+            k = kernel.shape[0] // self.theta.shape[0]
+            limit = torch.kron(self.theta, torch.eye(k, dtype=kernel.dtype, device=kernel.device))
+            values[keys.KERNEL_REGIME] = float(relative_kernel_change(kernel, limit, ord=self.regime.ord))
         if self.change is not None:
             change = float(relative_kernel_change(kernel, self.reference.to(kernel), ord=self.change.ord))
             self.change_max = max(self.change_max, change)
@@ -430,6 +498,7 @@ class Kernel(Stage):
 
     def reset(self) -> None:
         self.reference, self.latest, self.change_max, self.reference_step = None, None, 0.0, 0
+        self.theta = None
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -631,15 +700,57 @@ class Linearization(Stage):
         self.params_0 = state["params_0"]
 
 
+@dataclass
+class Sharpness(Stage):
+    """The loss sharpness on the probe set (docs/math.md 2.9), computed whole on every rank: the top
+    eigenvalue of d^2 L / dw^2 and of its Gauss-Newton part, and both against the current step size eta:
+    ``edge_of_stability`` = eta * sharpness / 2 (gradient descent is unstable above 1) and ``catapult`` =
+    eta * lambda_max(K) / 2 for the square loss (above 1 at initialisation: the catapult regime)."""
+
+    options: SharpnessOptions
+    metrics: tuple[str, ...] = ("sharpness",)
+    name: str = "sharpness"
+
+    def rows(self, ctx: RoundContext, share: slice) -> dict[str, Tensor]:
+        return {}
+
+    def values(self, ctx: RoundContext, rows: dict[str, Tensor]) -> dict[str, float]:
+        opts = self.options
+        targets = ctx.targets if opts.loss == "mse" else ctx.probe.y
+        if targets is None:
+            raise ValueError(
+                "sharpness needs probe targets: probe_data=(x, y), or a training set of (x, y) batches"
+            )
+        measured = loss_sharpness(
+            ctx.model,
+            ctx.probe.x,
+            targets,
+            loss=opts.loss,
+            generator=ctx.generator(),
+            tol=opts.tol,
+            max_iter=opts.max_iter,
+        )
+        values = {
+            keys.SHARPNESS: float(measured.eigenvalues[0]),
+            keys.SHARPNESS_GAUSS_NEWTON: float(measured.gauss_newton_max),
+        }
+        if ctx.lr is not None:
+            values[keys.EDGE_OF_STABILITY] = ctx.lr * values[keys.SHARPNESS] / 2
+            values[keys.CATAPULT] = ctx.lr * values[keys.SHARPNESS_GAUSS_NEWTON] / 2
+        return values
+
+
 def build_stages(options: Mapping[str, Any]) -> list[Stage]:
     """The stages serving the requested metrics, in a fixed order (the same on every rank)."""
     stages: list[Stage] = []
-    if "ntk" in options or "kernel_change" in options:
-        stages.append(Kernel(options.get("ntk"), options.get("kernel_change")))
+    if any(name in options for name in ("ntk", "kernel_change", "kernel_regime")):
+        stages.append(Kernel(options.get("ntk"), options.get("kernel_change"), options.get("kernel_regime")))
     if "hessian_norm" in options:
         stages.append(Hessian(options["hessian_norm"]))
     if "grad_cosines" in options:
         stages.append(Cosines(options["grad_cosines"]))
     if "linearization" in options:
         stages.append(Linearization(options["linearization"]))
+    if "sharpness" in options:
+        stages.append(Sharpness(options["sharpness"]))
     return stages

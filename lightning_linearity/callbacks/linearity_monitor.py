@@ -84,7 +84,10 @@ class LinearityMonitor(Callback):
     ||d^2 f_a(w; x_i) / dw^2||_2 (2.4), optionally per hidden layer ``hessian_norm_max/layer_2``, ...;
     ``grad_cosines``: ``grad_cosine/layer_2``, ... mean |cos| between neuron gradients (2.5);
     ``linearization``: ``linearization_error_mean`` / ``_max`` / ``_relative`` and ``distance_from_init``
-    (2.6).
+    (2.6); ``kernel_regime``: ||K_t - kron(Theta, I_k)|| / ||kron(Theta, I_k)||, the distance from the
+    infinite-width NTK (2.8; the package's networks); ``sharpness``: the top eigenvalue of the loss Hessian
+    on the probe set, of its Gauss-Newton part, and against the optimiser's current step size eta,
+    ``edge_of_stability`` = eta * sharpness / 2 and ``catapult`` = eta * lambda_max(K) / 2 (2.9).
 
     The metrics see the LightningModule itself (never the DDP wrapper): the package's networks through
     their ``layered_net`` (fast structured paths), any other module through ``torch.func`` (generic paths;
@@ -101,13 +104,15 @@ class LinearityMonitor(Callback):
 
     Args:
         metrics: names out of ``ntk``, ``kernel_change``, ``hessian_norm``, ``grad_cosines``,
-            ``linearization``; or a mapping from name to that metric's options, e.g.
-            ``{"hessian_norm": {"num_points": 8}, "grad_cosines": {"layers": ["net.0"]}}``. Options:
+            ``linearization``, ``kernel_regime``, ``sharpness``; or a mapping from name to that metric's
+            options, e.g. ``{"hessian_norm": {"num_points": 8}, "grad_cosines": {"layers": ["net.0"]}}``.
+            Options:
             ``ntk``: ``method``, ``chunk_size``, ``pl_ratio``; ``kernel_change``: ``ord``
             (``"spectral"``/``"fro"``); ``hessian_norm``: ``num_points`` (default 1), ``tol``, ``max_iter``,
             ``layers``, ``num_neurons``, ``method``; ``grad_cosines``: ``layers``, ``num_points``
             (default 8), ``num_neurons`` (default 32), ``method``, ``chunk_size``; ``linearization``:
-            ``memory_budget_mb`` (see the option classes in :mod:`lightning_linearity.callbacks._stages`).
+            ``memory_budget_mb``; ``kernel_regime``: ``ord``; ``sharpness``: ``loss``, ``tol``, ``max_iter``
+            (see the option classes in :mod:`lightning_linearity.callbacks._stages`).
             To measure a costly metric less often than the others, see ``every_n_rounds``.
         every_n_steps: a round every this many optimiser steps; ``None`` for none.
         every_n_epochs: a round at the end of every this many training epochs; ``None`` (default) for none.
@@ -482,7 +487,9 @@ class LinearityMonitor(Callback):
             error = None if finite else FloatingPointError("the model has NaN or inf parameters")
             if not self._agreed(strategy, "the round", error, step):
                 return
-            ctx = RoundContext(model, self.probe, self._targets, self.seed, take_references, step)
+            ctx = RoundContext(
+                model, self.probe, self._targets, self.seed, take_references, step, _lr(trainer)
+            )
             for stage in self._active:
                 if take_references or self._rounds % self._stage_period(stage) == 0:
                     progress.begin(stage.name)
@@ -644,14 +651,15 @@ class LinearityMonitor(Callback):
         one-hot rows (or +/-1 for one output), as the square loss of docs/math.md 2.2 reads them
         (:func:`~lightning_linearity.metrics.square_loss_targets`). Anything else only warns.
         """
-        if self.probe.y is None or "ntk" not in self.options or not self.options["ntk"].pl_ratio:
+        wanted = ("ntk" in self.options and self.options["ntk"].pl_ratio) or "sharpness" in self.options
+        if self.probe.y is None or not wanted:
             return None
         try:
             with self._picked_output(pl_module) as model:
                 out = evaluate(model, self.probe.x)
             return square_loss_targets(self.probe.y, out)
         except Exception as err:  # a preparation: never fatal (the round reports a model that fails)
-            rank_zero_warn(f"LinearityMonitor: pl_ratio is not logged: {err}")
+            rank_zero_warn(f"LinearityMonitor: the probe targets do not fit the square loss: {err}")
         return None
 
     def _warn_once(
@@ -671,6 +679,15 @@ class LinearityMonitor(Callback):
             rank_zero_warn(
                 f"LinearityMonitor: {what} failed ({type(err).__name__}: {err}); training is unaffected"
             )
+
+
+def _lr(trainer: pl.Trainer) -> float | None:
+    """The current step size of the trainer's first optimiser (its first parameter group), if any."""
+    optimizers = getattr(trainer, "optimizers", None) or []
+    try:
+        return float(optimizers[0].param_groups[0]["lr"])
+    except (IndexError, KeyError, TypeError, ValueError):
+        return None
 
 
 def _check_strategy(strategy: Strategy) -> None:

@@ -1,0 +1,72 @@
+"""The monitor's metrics beyond the papers: the distance from the infinite-width kernel (kernel_regime) and
+the loss sharpness against the optimiser's current step size (sharpness), docs/math.md 2.8 and 2.9."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_callback import ForeignMLP, dataset, fcn, loader, make_monitor, trainer
+
+from lightning_linearity.metrics import analytic_ntk, empirical_ntk
+
+
+def test_kernel_regime_is_the_relative_distance_from_kron_theta(tmp_path):
+    model = fcn()
+    at_init = copy.deepcopy(model.net).double()
+    monitor = make_monitor({"ntk": {}, "kernel_regime": {}}, every_n_steps=2, probe_size=8, dtype="float64")
+    trainer(tmp_path, [monitor], max_steps=4, logger=False).fit(model, loader())
+    x = dataset().tensors[0][:8].double()
+    kernel = empirical_ntk(at_init, x)
+    limit = torch.kron(analytic_ntk(at_init, x), torch.eye(kernel.shape[0] // 8, dtype=torch.float64))
+    expected = torch.linalg.matrix_norm(kernel - limit, ord=2) / torch.linalg.matrix_norm(limit, ord=2)
+    rows = monitor.history
+    assert [row["step"] for row in rows] == [0, 2, 4]
+    assert rows[0]["linearity/kernel_regime"] == pytest.approx(float(expected), rel=1e-8)
+    assert all(row["linearity/kernel_regime"] > 0 for row in rows)
+
+
+def test_kernel_regime_on_a_foreign_model_is_off_with_a_warning_and_the_ntk_still_logged(tmp_path):
+    monitor = make_monitor({"ntk": {}, "kernel_regime": {}}, every_n_steps=1, probe_size=4)
+    with pytest.warns(UserWarning, match="kernel_regime is off for this run: .*foreign model"):
+        trainer(tmp_path, [monitor], max_steps=1, logger=False).fit(ForeignMLP(), loader())
+    assert [row["step"] for row in monitor.history] == [0, 1]
+    rows = monitor.history
+    assert all("linearity/lambda_min" in row and "linearity/kernel_regime" not in row for row in rows)
+
+
+class Scheduled(ForeignMLP):
+    """Plain SGD whose step size halves after every step (a scheduler the monitor must read)."""
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.2)
+        halving = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5**step)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": halving, "interval": "step"}}
+
+
+def test_sharpness_reads_the_current_step_size_and_its_gauss_newton_part_is_lambda_max_of_k(tmp_path):
+    torch.manual_seed(0)
+    model = Scheduled()
+    at_init = copy.deepcopy(model)
+    monitor = make_monitor({"sharpness": {"tol": 1e-6}}, every_n_steps=1, probe_size=8, dtype="float64")
+    trainer(tmp_path, [monitor], max_steps=3, logger=False).fit(model, loader())
+    rows = {row["step"]: row for row in monitor.history}
+    assert sorted(rows) == [0, 1, 2, 3]
+    for step, row in rows.items():
+        lr = 0.2 * 0.5**step  # the scheduler's step size when the round at this step ran
+        assert row["linearity/edge_of_stability"] == pytest.approx(lr * row["linearity/sharpness"] / 2)
+        assert row["linearity/catapult"] == pytest.approx(lr * row["linearity/sharpness_gauss_newton"] / 2)
+    # for 1/2 sum ||f - y||^2 the Gauss-Newton part is J^T J, whose top eigenvalue is lambda_max(K)
+    x = dataset().tensors[0][:8].double()
+    lambda_max = torch.linalg.eigvalsh(empirical_ntk(at_init.double(), x, method="generic"))[-1]
+    assert rows[0]["linearity/sharpness_gauss_newton"] == pytest.approx(float(lambda_max), rel=1e-5)
+
+
+def test_sharpness_without_targets_only_warns(tmp_path):
+    x = dataset().tensors[0][:6]
+    monitor = make_monitor({"sharpness": {}, "ntk": {}}, every_n_steps=1, probe_data=x)
+    with pytest.warns(UserWarning, match="sharpness needs probe targets"):
+        trainer(tmp_path, [monitor], max_steps=1, logger=False).fit(fcn(), loader())
+    assert [row["step"] for row in monitor.history] == [0, 1]
+    assert all("linearity/lambda_min" in row and "linearity/sharpness" not in row for row in monitor.history)

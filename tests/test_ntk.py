@@ -240,3 +240,20 @@ def test_leaves_model_and_global_state_unchanged(method, impl, training):
     assert all(m.training == training for m in net.modules())
     for name, p in net.named_parameters():
         assert torch.equal(p, before[name]) and torch.equal(p.grad, torch.ones_like(p)) and p.requires_grad
+
+
+def test_a_module_used_twice_stays_intact_and_its_kernel_is_exact():
+    """functional_call's weight tying used to leave the reused module with a plain tensor for a weight."""
+    shared = nn.Linear(2, 2).double()
+    model = nn.Sequential(shared, nn.Tanh(), shared)
+    x = torch.randn(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    kernel = empirical_ntk(model, x, method="generic")
+    assert isinstance(shared.weight, nn.Parameter) and isinstance(shared.bias, nn.Parameter)
+
+    def flat(weight, bias):
+        return torch.func.functional_call(model, {"0.weight": weight, "0.bias": bias}, (x,)).reshape(-1)
+
+    blocks = torch.autograd.functional.jacobian(flat, (shared.weight, shared.bias))
+    jac = torch.cat([block.reshape(6, -1) for block in blocks], 1)
+    torch.testing.assert_close(kernel, jac @ jac.T, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(empirical_ntk(model, x, method="engine"), kernel, rtol=1e-10, atol=1e-12)

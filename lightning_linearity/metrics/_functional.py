@@ -69,7 +69,8 @@ def functional_model(model: nn.Module) -> Callable[[Params, Tensor], Tensor]:
     buffers = model_buffers(model)
 
     def f(params: Params, x: Tensor) -> Tensor:
-        return as_2d_output(functional_call(model, (params, buffers), (x,)), x.shape[0])
+        # tie_weights=False: with True, a module used twice keeps a plain tensor for its weight afterwards
+        return as_2d_output(functional_call(model, (params, buffers), (x,), tie_weights=False), x.shape[0])
 
     return f
 
@@ -163,7 +164,7 @@ def layer_output_model(model: nn.Module, layer: int | str) -> Callable[[Params, 
         captured: list[Tensor] = []
         handle = module.register_forward_hook(lambda _m, _i, out: captured.append(out))
         try:
-            functional_call(model, (params, buffers), (x,))
+            functional_call(model, (params, buffers), (x,), tie_weights=False)
         finally:
             handle.remove()
         if len(captured) != 1:

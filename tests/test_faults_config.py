@@ -194,3 +194,21 @@ def test_shared_yaml_anchors_within_the_limit_still_load(tmp_path):
     )
     assert _load(tmp_path, text, "b")["seeds"] == [0, 1]
     assert make_config({**_load(tmp_path, text, "a"), "out": str(tmp_path / "s")}).max_steps == 5
+
+
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        ({"column": "lambda_min:init", "decreasing": "no"}, "decreasing must be true or false"),
+        ({"column": "lambda_min:init", "at_least": "x"}, "at_least must be a number"),
+        ({"column": "lambda_min:init", "at_most": float("nan")}, "at_most must be a number"),
+        ({"column": "lambda_min:init", "at_least": 0.1, "min_width": "8"}, "min_width must be an integer"),
+        ({"column": "lambda_min:init", "slope": ["a", "b"]}, r"slope must be a range \[low, high\]"),
+        ({"column": "lambda_min:init", "slope": "ab"}, r"slope must be a range \[low, high\]"),
+    ],
+)
+def test_claims_refuse_values_they_would_misread(raw, match):
+    from lightning_linearity.sweeps.claims import Claim
+
+    with pytest.raises(ValueError, match=match):
+        Claim.from_mapping(raw, ["lambda_min:init"])

@@ -56,23 +56,42 @@ class Claim:
             )
         slope = raw.get("slope")
         if slope is not None:
-            if not isinstance(slope, Sequence) or len(slope) != 2 or not slope[0] <= slope[1]:
+            if (
+                isinstance(slope, str)
+                or not isinstance(slope, Sequence)
+                or len(slope) != 2
+                or not all(_is_number(bound) for bound in slope)
+                or not slope[0] <= slope[1]
+            ):
                 raise ValueError(f"claim about {column!r}: slope must be a range [low, high], got {slope!r}")
             slope = (float(slope[0]), float(slope[1]))
+        decreasing = raw.get("decreasing", False)
+        if not isinstance(decreasing, bool):
+            raise ValueError(f"claim about {column!r}: decreasing must be true or false, got {decreasing!r}")
+        for key in ("at_least", "at_most"):
+            if raw.get(key) is not None and not _is_number(raw[key]):
+                raise ValueError(f"claim about {column!r}: {key} must be a number, got {raw[key]!r}")
+        min_width = raw.get("min_width")
+        if min_width is not None and (isinstance(min_width, bool) or not isinstance(min_width, int)):
+            raise ValueError(f"claim about {column!r}: min_width must be an integer, got {min_width!r}")
         claim = cls(
             column=column,
             paper=str(raw.get("paper", "")),
             slope=slope,
-            decreasing=bool(raw.get("decreasing", False)),
+            decreasing=decreasing,
             at_least=raw.get("at_least"),
             at_most=raw.get("at_most"),
-            min_width=raw.get("min_width"),
+            min_width=min_width,
         )
         if claim.slope is None and not claim.decreasing and claim.at_least is None and claim.at_most is None:
             raise ValueError(
                 f"claim about {column!r} tests nothing: give slope, decreasing, at_least or at_most"
             )
         return claim
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)

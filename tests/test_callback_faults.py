@@ -138,4 +138,3 @@ def test_probe_size_larger_than_the_data_turns_the_monitor_off_with_a_warning(tm
 def test_wrong_output_transform_raises_at_init():
     with pytest.raises(Exception, match="output_transform must be a callable"):
         make_monitor(output_transform="out[0]")
-

@@ -8,6 +8,7 @@ from torch import nn
 from torch.func import functional_call
 
 from lightning_linearity.metrics.engine import UnsupportedModel, ntk_from_rows, ntk_plan, ntk_rows
+from lightning_linearity.metrics.hessian import hessian_spectral_norm
 from lightning_linearity.metrics.ntk import empirical_ntk
 from lightning_linearity.models import NTKFCN, MaskedDAGNet, NTKDenseNet
 
@@ -318,6 +319,20 @@ def test_tied_parameters_and_parameters_used_outside_their_module():
     with pytest.raises(UnsupportedModel, match="tied weights"):
         ntk_plan(tied, x)
     assert_relative(empirical_ntk(tied, x), jacobian_kernel(tied, x))
+    # the Hessian sees the tie too: one weight used by both layers, against the dense Hessian of f_a
+    weight, first_bias, last_bias = tied[0].weight.detach(), tied[0].bias.detach(), tied[2].bias.detach()
+
+    def output(flat, a):
+        w, b0, b2 = flat[:9].reshape(3, 3), flat[9:12], flat[12:]
+        return (torch.tanh(x[:1] @ w.T + b0) @ w.T + b2)[0, a]
+
+    flat = torch.cat([weight.reshape(-1), first_bias, last_bias])
+    dense = [
+        torch.linalg.eigvalsh(torch.autograd.functional.hessian(lambda v, a=a: output(v, a), flat))
+        for a in range(3)
+    ]
+    expected = torch.stack([values.abs().max() for values in dense]).unsqueeze(0)
+    assert_relative(hessian_spectral_norm(tied, x[:1]), expected, 1e-8)
 
     class Sneaky(nn.Module):  # reads inner.weight itself as well as through inner's forward
         def __init__(self):

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from lightning_linearity.data import (
@@ -294,6 +294,7 @@ def test_a_batch_cut_anywhere_is_one_line_naming_the_file(tmp_path, batch_bytes,
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(position=st.integers(min_value=0, max_value=30999), byte=st.integers(0, 255))
+@example(position=16, byte=128)  # a key byte that is not UTF-8: used to escape as UnicodeDecodeError
 def test_a_damaged_byte_gives_a_valid_batch_or_one_line(tmp_path, batch_bytes, position, byte):
     raw = bytearray(batch_bytes)
     raw[position % len(raw)] = byte

@@ -37,6 +37,11 @@ def _get(content: dict, key: str) -> object:
     return content.get(key)
 
 
+def _text(value: object) -> str:
+    # A damaged file may hold bytes that are not UTF-8: shown escaped rather than failing to decode.
+    return value.decode(errors="backslashreplace") if isinstance(value, bytes) else str(value)
+
+
 def load_cifar10_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Read one CIFAR-10 python batch safely and validate it.
 
@@ -60,7 +65,7 @@ def load_cifar10_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"{path}: expected a pickled dict (a CIFAR-10 batch), got {type(content).__name__}")
     data, labels = _get(content, "data"), _get(content, "labels")
     if data is None or labels is None:
-        keys = sorted(k.decode() if isinstance(k, bytes) else str(k) for k in content)
+        keys = sorted(_text(k) for k in content)
         raise ValueError(f"{path}: a CIFAR-10 batch needs the keys 'data' and 'labels', found {keys}")
     if (
         not isinstance(data, np.ndarray)
@@ -107,7 +112,7 @@ def load_cifar10_label_names(path: str | Path) -> list[str]:
         or not all(isinstance(n, bytes | str) for n in names)
     ):
         raise ValueError(f"{path}: expected a dict with 'label_names', a list of {NUM_CLASSES} strings")
-    return [n.decode() if isinstance(n, bytes) else n for n in names]
+    return [_text(n) for n in names]
 
 
 class CIFAR10DataModule(InMemoryDataModule):

@@ -64,13 +64,38 @@ def model_buffers(model: nn.Module) -> Params:
     return buffers
 
 
+def tied_names(model: nn.Module) -> dict[str, str]:
+    """A name for every slot holding a parameter or buffer, mapped to the tensor's first name.
+
+    A parameter shared by two modules (tied weights) fills two slots and has two names; a module used twice
+    is one set of slots (``named_modules`` lists it once). First names are those of ``named_parameters``.
+    """
+    first: dict[int, str] = {}
+    names: dict[str, str] = {}
+    for prefix, module in model.named_modules():
+        for attr, tensor in [*module._parameters.items(), *module._buffers.items()]:
+            if tensor is not None:
+                name = f"{prefix}.{attr}" if prefix else attr
+                names[name] = first.setdefault(id(tensor), name)
+    return names
+
+
+def model_call(model: nn.Module, tensors: Params, x: Tensor) -> Tensor:
+    """``model(x)`` with ``tensors`` (first names, see :func:`tied_names`) in place of its own.
+
+    Every alias of a tied tensor gets the replacement, and ``functional_call`` runs with
+    ``tie_weights=False``: with True, a module used twice keeps a plain tensor for its weight afterwards.
+    """
+    every = {alias: tensors[name] for alias, name in tied_names(model).items() if name in tensors}
+    return functional_call(model, every, (x,), tie_weights=False)
+
+
 def functional_model(model: nn.Module) -> Callable[[Params, Tensor], Tensor]:
     """``f(params, x) -> (n, k)``: the model evaluated at ``params`` (see :func:`model_buffers`)."""
     buffers = model_buffers(model)
 
     def f(params: Params, x: Tensor) -> Tensor:
-        # tie_weights=False: with True, a module used twice keeps a plain tensor for its weight afterwards
-        return as_2d_output(functional_call(model, (params, buffers), (x,), tie_weights=False), x.shape[0])
+        return as_2d_output(model_call(model, {**buffers, **params}, x), x.shape[0])
 
     return f
 
@@ -164,7 +189,7 @@ def layer_output_model(model: nn.Module, layer: int | str) -> Callable[[Params, 
         captured: list[Tensor] = []
         handle = module.register_forward_hook(lambda _m, _i, out: captured.append(out))
         try:
-            functional_call(model, (params, buffers), (x,), tie_weights=False)
+            model_call(model, {**buffers, **params}, x)
         finally:
             handle.remove()
         if len(captured) != 1:

@@ -1,4 +1,5 @@
-"""analytic_ntk / analytic_nngp (MATH.md 2.8) against Monte-Carlo means of wide networks and closed forms.
+"""analytic_ntk / analytic_nngp (docs/math.md 2.8) against Monte-Carlo means of wide networks and closed
+forms.
 
 Monte-Carlo tolerances: an entry passes if it lies within Z standard errors of the Monte-Carlo mean, the
 standard error estimated from the S networks' spread (std / sqrt(S)). Z = 4.5 is a per-entry two-sided
@@ -224,7 +225,7 @@ def test_nngp_matches_output_covariance_of_wide_networks(x):
 
 def test_masked_dag_limit_is_not_the_unmasked_densenets(x):
     """Random masks at fixed d: layer 1's neurons read different input subsets, so the limit averages the
-    Gaussian expectations over them and differs from the unmasked DenseNet's kernel (MATH.md 2.8).
+    Gaussian expectations over them and differs from the unmasked DenseNet's kernel (docs/math.md 2.8).
 
     Each network has its own mask (as in 004's runs); per network the difference K - Theta(net) is taken,
     so the mask sampling of the first layer averages out with the weights."""

@@ -378,7 +378,7 @@ def dense_top_eigenvectors(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def neuron_index_sets(net: LayeredNTKNet) -> dict[tuple[int, int], list[int]]:
-    """Flat parameter indices each hidden neuron (l, r) owns, from MATH.md section 1's layout:
+    """Flat parameter indices each hidden neuron (l, r) owns, from docs/math.md section 1's layout:
     row r of W_l, b_l[r], and in every later layer the column of h_l[r] inside
     c = concat(h_{l'-1}, ..., h_1, x) (FCN: c = h_{l'-1})."""
     offsets, offset = [], 0

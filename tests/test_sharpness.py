@@ -1,4 +1,4 @@
-"""loss_sharpness (MATH.md 2.9) against the dense loss Hessian (autograd.functional.hessian, float64)."""
+"""loss_sharpness (docs/math.md 2.9) against the dense loss Hessian (autograd.functional.hessian, float64)."""
 
 from __future__ import annotations
 

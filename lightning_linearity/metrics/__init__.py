@@ -1,4 +1,4 @@
-"""Linearity metrics as pure functions of ``(model, inputs[, reference])`` (MATH.md section 2).
+"""Linearity metrics as pure functions of ``(model, inputs[, reference])`` (docs/math.md section 2).
 
 No Lightning import here: these work on any ``torch.nn.Module`` mapping (n, ...) to (n, k), with fast
 structured paths for the package's own networks. None of them changes the model's parameters, ``.grad``,

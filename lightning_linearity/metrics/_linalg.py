@@ -6,10 +6,10 @@ symmetric P x P matrices A_1..A_B); the result has the same shape, row j being `
 solvers drop converged elements from ``active``, so a matvec is never spent on a finished problem, and they
 count the matvecs (one per active element per step) for the benchmarks.
 
-The Hessian of an NTK network's output is indefinite with a nearly +/- symmetric spectrum (MATH.md 2.4), so
-the largest-magnitude eigenvalue must come from Lanczos, not from Rayleigh-quotient power iteration, which
-stalls when the two extreme eigenvalues have nearly equal magnitude. :func:`power_iteration` is kept as the
-reference the benchmark and the tests compare against.
+The Hessian of an NTK network's output is indefinite with a nearly +/- symmetric spectrum (docs/math.md
+2.4), so the largest-magnitude eigenvalue must come from Lanczos, not from Rayleigh-quotient power
+iteration, which stalls when the two extreme eigenvalues have nearly equal magnitude.
+:func:`power_iteration` is kept as the reference the benchmark and the tests compare against.
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def lanczos(
 
     (then eigenvalues of A lie within ``tol * |theta|`` of both), or when the Krylov space is exhausted
     (j = dim, or beta_j = 0: T_j's eigenvalues are then exact). Waiting for both ends matters for spectra
-    that are nearly symmetric about 0, like an NTK network's output Hessian (MATH.md 2.4): one end can
+    that are nearly symmetric about 0, like an NTK network's output Hessian (docs/math.md 2.4): one end can
     converge to, say, +0.319 while the other, heading for -0.325, has not yet; stopping on the larger
     Ritz value alone then reports 0.319 (seen on a width-64 FCN at tol 1e-3). Ritz values lie inside the
     spectrum, so |theta| never exceeds the true largest magnitude: a non-converged value is a lower bound.

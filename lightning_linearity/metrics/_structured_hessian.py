@@ -2,7 +2,7 @@
 
 For one probe point x and one function F = seed . z_top(w; x) (an output f_a with top = L+1 and seed e_a,
 or a hidden pre-activation z_l[r] with top = l and seed e_r), the gradient with respect to layer l's weights
-is a masked rank-one matrix (MATH.md section 1 and 2.4),
+is a masked rank-one matrix (docs/math.md section 1 and 2.4),
 
     dF/dW_l = M_l ⊙ (s_l∘delta_l) c_l^T,   dF/db_l = s_l∘delta_l,   s_l = deg_l^(-1/2),  delta_l = dF/dz_l,
 

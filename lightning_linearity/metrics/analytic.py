@@ -1,9 +1,9 @@
-"""Infinite-width kernels of the package's networks: the NNGP Sigma and the NTK Theta (MATH.md 2.8).
+"""Infinite-width kernels of the package's networks: the NNGP Sigma and the NTK Theta (docs/math.md 2.8).
 
 The limit taken: every hidden width m_1..m_L -> infinity with their proportions m_j / m held fixed, at
-fixed input dimension d, in the NTK parameterisation of MATH.md section 1 (weights N(0, 1), each neuron
+fixed input dimension d, in the NTK parameterisation of docs/math.md section 1 (weights N(0, 1), each neuron
 scaled by 1/sqrt(in-degree)). Then every output's pre-activation is a Gaussian process with covariance
-Sigma = Sigma_{L+1}, and the empirical NTK (MATH.md 2.1) converges to kron(Theta, I_k) with
+Sigma = Sigma_{L+1}, and the empirical NTK (docs/math.md 2.1) converges to kron(Theta, I_k) with
 Theta = Theta_{L+1} (outputs decouple).
 
 Layer 1 reads x only: with an optional bias (a N(0, 1) weight on a constant-1 input, counted in the
@@ -19,7 +19,7 @@ vanishes too) with the fan-in shares rho_lj = m_j / sum_{i in S_l} m_i:
     Theta_l = Sigma_l + sum_j rho_lj Theta_j E[sigma'(u_j) sigma'(v_j)],
     (u_j, v_j) ~ N(0, [[Sigma_j(x, x), Sigma_j(x, x')], [Sigma_j(x, x'), Sigma_j(x', x')]]).
 
-For the FCN this is MATH.md 2.8's recursion. A layer whose weight is frozen (``requires_grad=False``)
+For the FCN this is docs/math.md 2.8's recursion. A layer whose weight is frozen (``requires_grad=False``)
 drops its own term Sigma_l from Theta_l (and a frozen first-layer bias its 1/(d + b) share), since the
 empirical NTK sums over the trainable parameters only.
 
@@ -375,7 +375,7 @@ def _output_kernel(
 
 
 def analytic_ntk(model: nn.Module, x: Tensor, x2: Tensor | None = None, *, fan_in: FanIn = "limit") -> Tensor:
-    """The infinite-width NTK Theta(x_i, x2_j) of the package's network ``model`` (MATH.md 2.8).
+    """The infinite-width NTK Theta(x_i, x2_j) of the package's network ``model`` (docs/math.md 2.8).
 
     The limit and the recursion are in the module docstring: hidden widths -> infinity in fixed
     proportions at fixed input dimension d; ``empirical_ntk(model, x)`` converges to kron(Theta, I_k)
@@ -409,7 +409,7 @@ def analytic_nngp(
     """The infinite-width NNGP kernel Sigma(x_i, x2_j) = lim E[f_a(x_i) f_a(x2_j)] at initialisation.
 
     The output covariance of the network over its random initial weights, in the limit of
-    :func:`analytic_ntk` (MATH.md 2.8): Sigma = Sigma_{L+1} of the recursion in the module docstring, the same
-    for every output a, outputs independent. Arguments, shape and errors as for :func:`analytic_ntk`.
+    :func:`analytic_ntk` (docs/math.md 2.8): Sigma = Sigma_{L+1} of the recursion in the module docstring,
+    the same for every output a, outputs independent. Arguments, shape and errors as for :func:`analytic_ntk`.
     """
     return _output_kernel(model, x, x2, "analytic_nngp", ntk=False, fan_in=fan_in)

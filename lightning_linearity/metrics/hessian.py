@@ -1,6 +1,6 @@
 """Spectral norm of the Hessian of each network output (or hidden pre-activation) w.r.t. the weights.
 
-MATH.md 2.4 (004 Theorem 3.6 and 3.8; 000 Theorem 1 and 4): for probe point x_i and output a,
+docs/math.md 2.4 (004 Theorem 3.6 and 3.8; 000 Theorem 1 and 4): for probe point x_i and output a,
 
     ||H_{f_a}(w; x_i)||_2 = max_j |lambda_j( d^2 f_a(w; x_i) / dw^2 )|,
 
@@ -119,7 +119,7 @@ def hessian_spectral_norm(
     return_info: bool = False,
     eigenvector_shares: bool = False,
 ) -> Tensor | tuple[Tensor, HessianInfo]:
-    """||d^2 f_a(w; x_i) / dw^2||_2 for every probe point x_i and output a (MATH.md 2.4).
+    """||d^2 f_a(w; x_i) / dw^2||_2 for every probe point x_i and output a (docs/math.md 2.4).
 
     w is every trainable parameter of ``model`` (any ``nn.Module`` mapping (n, ...) to (n, k)). With
     ``layer`` the same norm is computed for the hidden pre-activations z_l[r](w; x_i) of that layer

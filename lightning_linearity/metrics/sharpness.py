@@ -1,8 +1,8 @@
-"""Loss sharpness: the largest eigenvalues of the Hessian of the training loss (MATH.md 2.9).
+"""Loss sharpness: the largest eigenvalues of the Hessian of the training loss (docs/math.md 2.9).
 
 For a batch (X, Y) and the loss
 
-    "mse":            L(w) = c * 1/2 * sum_i ||f(w; x_i) - y_i||^2                      (MATH.md 2.2)
+    "mse":            L(w) = c * 1/2 * sum_i ||f(w; x_i) - y_i||^2                      (docs/math.md 2.2)
     "cross_entropy":  L(w) = c * sum_i ell(f(w; x_i), y_i),  ell = softmax cross-entropy (k > 1 outputs) or
                       binary cross-entropy with logits (k = 1, labels 0/1)
 
@@ -13,8 +13,8 @@ eta * sharpness / 2 = 1). The Hessian splits into the Gauss-Newton part and a re
     d^2 L / dw^2 = c sum_i J_i^T (d^2 ell / df^2) J_i  +  c sum_i sum_a (d ell / d f_a) d^2 f_a(x_i) / dw^2,
 
 J_i = d f(w; x_i) / dw. For the square loss d^2 ell / df^2 = I, so the Gauss-Newton part is c J^T J, whose
-non-zero eigenvalues are those of c K with K = J J^T the empirical NTK of the batch (MATH.md 2.1): its top
-eigenvalue is c * lambda_max(K), the catapult indicator (eta * lambda_max(K_0) > 2 at initialisation).
+non-zero eigenvalues are those of c K with K = J J^T the empirical NTK of the batch (docs/math.md 2.1): its
+top eigenvalue is c * lambda_max(K), the catapult indicator (eta * lambda_max(K_0) > 2 at initialisation).
 Far from a minimum the second part makes the Hessian indefinite; its largest eigenvalue still comes from
 Lanczos (which, unlike power iteration, does not need it to dominate in magnitude).
 
@@ -130,10 +130,10 @@ def loss_sharpness(
     tol: float = 1e-6,
     max_iter: int = 100,
 ) -> Sharpness:
-    """The k largest eigenvalues of the loss Hessian on the batch ``(x, y)`` (MATH.md 2.9).
+    """The k largest eigenvalues of the loss Hessian on the batch ``(x, y)`` (docs/math.md 2.9).
 
     See the module docstring for the losses and the Gauss-Newton part. The defaults match the package's
-    LightningModules: ``"mse"`` is the summed 1/2 ||f - y||^2 of MATH.md 2.2 (c = 1, the NTK identity
+    LightningModules: ``"mse"`` is the summed 1/2 ||f - y||^2 of docs/math.md 2.2 (c = 1, the NTK identity
     holds as it stands), ``"cross_entropy"`` the batch mean (c = 1/n) as in ``F.cross_entropy``.
 
     Args:

@@ -16,6 +16,8 @@ name                           series over the metric rounds t                  
 ``pl_margin``                  pl_ratio_t / lambda_min(K_t), >= 1 by 2.2              ntk         min
 ``lambda_min_retained``        lambda_min(K_t) / lambda_min(K_0)                      ntk         min
 ``kernel_change``              ||K_t - K_0|| / ||K_0|| (2.3, 004 Figure 2)            kernel...   max
+``kernel_regime``              ||K_t - kron(Theta, I_k)|| / ||kron(Theta, I_k)||,     kernel...   last
+                               Theta the infinite-width NTK (2.8)
 ``hessian_norm``               max_{i,a} ||d^2 f_a(w_t; x_i)/dw^2||_2 (2.4)           hessian...  last
 ``hessian_norm_mean``          the mean over (i, a) of the same                       hessian...  last
 ``grad_cosine``                mean |cos| of neuron gradients, one column per         grad_co...  last
@@ -118,6 +120,7 @@ QUANTITIES: dict[str, Quantity] = {
     "kernel_change": Quantity(
         "kernel_change", _monitor_series(keys.KERNEL_CHANGE), "max", needs_training=True
     ),
+    "kernel_regime": Quantity("kernel_regime", _monitor_series(keys.KERNEL_REGIME), "last"),
     "hessian_norm": Quantity("hessian_norm", _monitor_series(keys.HESSIAN_NORM_MAX), "last"),
     "hessian_norm_mean": Quantity("hessian_norm", _monitor_series(keys.HESSIAN_NORM_MEAN), "last"),
     "grad_cosine": Quantity(

@@ -175,6 +175,72 @@ def cosines_figure(history: Sequence[Mapping[str, float]]) -> Figure | None:
     return fig
 
 
+def comparison_figure(
+    runs: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]],
+    panels: Sequence[str],
+    *,
+    titles: Mapping[str, str] | None = None,
+    reference_lines: Mapping[str, float] | None = None,
+    styles: Mapping[str, Mapping[str, object]] | None = None,
+    suptitle: str | None = None,
+) -> Figure | None:
+    """Several runs side by side: one panel per key of ``panels``, one line per run on every panel.
+
+    Args:
+        runs: ``{run label: {key: (steps, values)}}``, e.g. :func:`metric_series` of each run's history
+            with other series (the training loss) added; a run missing a key has no line on that panel.
+        panels: the keys to draw, one panel each, left to right.
+        titles: panel titles by key; default the registry's title of a ``linearity/`` key
+            (:data:`~lightning_linearity.keys.GROUPS`), else the key.
+        reference_lines: a dashed horizontal line at this value on the panel of the key (e.g. 1 on
+            ``linearity/catapult``, docs/math.md 2.9).
+        styles: matplotlib line keywords per run label (``color``, ``linestyle``, ...).
+        suptitle: the figure's title.
+
+    Returns:
+        The figure, or ``None`` when no run has a finite value of any panel's key. Log y-axis per panel
+        where all values are positive and span a factor of :data:`LOG_SPAN`.
+
+    Raises:
+        ValueError: ``panels`` empty.
+    """
+    if not panels:
+        raise ValueError("panels must name at least one key to draw, e.g. ['linearity/kernel_change']")
+    titles, reference_lines, styles = titles or {}, reference_lines or {}, styles or {}
+    finite = {
+        label: {
+            key: (steps[ok], values[ok])
+            for key, (steps, values) in series.items()
+            if (ok := np.isfinite(values)).any()
+        }
+        for label, series in runs.items()
+    }
+    if not any(key in series for series in finite.values() for key in panels):
+        return None
+    fig = Figure(figsize=(4.6 * len(panels), 3.8), layout="constrained")
+    for ax, key in zip(fig.subplots(1, len(panels), squeeze=False).ravel(), panels, strict=True):
+        drawn = [series[key] for series in finite.values() if key in series]
+        for label, series in finite.items():
+            if key in series:
+                ax.plot(*series[key], label=label, **styles.get(label, {}))
+        if key in reference_lines:
+            ax.axhline(reference_lines[key], color="black", linestyle="--", linewidth=1)
+        if drawn and _wants_log_scale([values for _, values in drawn]):
+            ax.set_yscale("log")
+        group = group_of(key[len(PREFIX) :])[0] if key.startswith(PREFIX) else None
+        ax.set_title(titles.get(key) or (GROUPS[group].title if group in GROUPS else key), fontsize="medium")
+        ax.set_xlabel("global step")
+        ax.grid(True, which="both", alpha=0.3)
+    legend = {}  # one entry per run, from whichever panels drew it
+    for ax in fig.axes:
+        handles, labels = ax.get_legend_handles_labels()
+        legend.update(zip(labels, handles, strict=True))
+    fig.legend(legend.values(), legend.keys(), loc="outside lower center", ncols=min(4, len(legend)))
+    if suptitle:
+        fig.suptitle(suptitle)
+    return fig
+
+
 def report_dir(trainer: pl.Trainer) -> Path:
     """The run's log directory, like ``trainer.log_dir`` but without its collective broadcast (rank 0 only).
 

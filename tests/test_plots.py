@@ -12,6 +12,7 @@ from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning_linearity.keys import GROUPS
 from lightning_linearity.plots import (
     CAPTIONS,
+    comparison_figure,
     cosines_figure,
     curves_figure,
     metric_series,
@@ -196,3 +197,66 @@ def test_log_span_threshold_is_a_decade():
     assert fig.axes[0].get_yscale() == "log"
     fig = curves_figure([{"step": 0, "linearity/x": 1.0}, {"step": 1, "linearity/x": 9.0}])
     assert fig.axes[0].get_yscale() == "linear"
+
+
+def two_runs() -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """A lazy-looking and a catapult-looking run: the loss, eta * lambda_max / 2 and the kernel change."""
+    steps = np.arange(5)
+    return {
+        "small step": {
+            "loss": (steps, 30.0 * 0.5**steps),
+            "linearity/catapult": (steps, np.full(5, 0.25)),
+            "linearity/kernel_change": (steps, 0.001 * steps),
+        },
+        "large step": {
+            "loss": (steps, np.array([30.0, 300.0, 3000.0, 1.0, np.nan])),
+            "linearity/catapult": (steps, np.array([1.5, 1.4, 0.6, 0.45, 0.45])),
+        },
+    }
+
+
+def test_comparison_figure_draws_every_run_on_every_panel_it_has_data_for():
+    fig = comparison_figure(
+        two_runs(),
+        ["loss", "linearity/catapult", "linearity/kernel_change"],
+        titles={"loss": "training loss"},
+        reference_lines={"linearity/catapult": 1.0},
+        styles={"large step": {"color": "tab:red", "linestyle": "--"}},
+        suptitle="lazy vs catapult",
+    )
+
+    loss, catapult, change = fig.axes
+    assert [ax.get_title() for ax in fig.axes] == [
+        "training loss",  # given
+        GROUPS["catapult"].title,  # a linearity/ key: the registry's title
+        GROUPS["kernel_change"].title,
+    ]
+    assert [line.get_label() for line in loss.get_lines()] == ["small step", "large step"]
+    large = loss.get_lines()[1]
+    assert large.get_color() == "tab:red" and large.get_linestyle() == "--"
+    assert large.get_xdata().tolist() == [0, 1, 2, 3]  # the NaN is not drawn
+    assert loss.get_yscale() == "log"  # 0.9 .. 3000
+    assert catapult.get_yscale() == "linear"  # 0.25 .. 1.5
+    # the run lines, then the reference line at 1
+    *runs, reference = catapult.get_lines()
+    assert len(runs) == 2 and list(reference.get_ydata()) == [1.0, 1.0]
+    assert [line.get_label() for line in change.get_lines()] == ["small step"]  # the other run has no data
+    assert change.get_yscale() == "linear"  # starts at 0
+    assert [text.get_text() for text in fig.legends[0].get_texts()] == ["small step", "large step"]
+    assert fig.get_suptitle() == "lazy vs catapult"
+
+
+def test_comparison_figure_without_data_is_none_and_needs_panels():
+    assert comparison_figure({"run": {"loss": (np.arange(2), np.full(2, np.nan))}}, ["loss"]) is None
+    assert comparison_figure({"run": {"loss": (np.arange(2), np.ones(2))}}, ["other"]) is None
+    with pytest.raises(ValueError, match="panels must name at least one key"):
+        comparison_figure(two_runs(), [])
+
+
+def test_comparison_figure_png(tmp_path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = comparison_figure(two_runs(), ["loss", "linearity/catapult"])
+    FigureCanvasAgg(fig)
+    fig.savefig(tmp_path / "runs.png")
+    assert (tmp_path / "runs.png").read_bytes()[:8] == PNG_MAGIC

@@ -122,10 +122,28 @@ def check_finite(value: Tensor, what: str) -> Tensor:
     """Raise ``FloatingPointError`` naming ``what`` if ``value`` holds NaN or inf."""
     if not torch.isfinite(value).all():
         bad = int((~torch.isfinite(value)).sum().item())
-        raise FloatingPointError(
-            f"{what} has {bad} non-finite entries (NaN or inf); the model or its parameters have diverged"
-        )
+        raise FloatingPointError(f"{what} has {bad} non-finite entries (NaN or inf)")
     return value
+
+
+def check_output(model: nn.Module, x: Tensor, out: Tensor) -> Tensor:
+    """``out = f(w; x)``, or a ``FloatingPointError`` that says where its NaN or inf comes from: the probe
+    inputs, a parameter (the model diverged), or the forward pass itself (it overflows on these inputs)."""
+    if torch.isfinite(out).all():
+        return out
+    bad = int((~torch.isfinite(out)).sum().item())
+    if x.is_floating_point() and not torch.isfinite(x).all():
+        cause = f"the probe inputs hold {int((~torch.isfinite(x)).sum().item())} NaN or inf entries"
+    else:
+        params = trainable_parameters(model)
+        diverged = [name for name, p in params.items() if not torch.isfinite(p).all()]
+        cause = (
+            f"the parameter {diverged[0]!r} is non-finite ({len(diverged)} of {len(params)} are): the model "
+            f"has diverged"
+            if diverged
+            else "the inputs and parameters are finite: the forward pass overflows on these inputs"
+        )
+    raise FloatingPointError(f"the model output on the probe inputs has {bad} non-finite entries; {cause}")
 
 
 def evaluate(model: nn.Module, x: Tensor) -> Tensor:
@@ -141,7 +159,7 @@ def evaluate(model: nn.Module, x: Tensor) -> Tensor:
         raise ValueError(
             f"{type(model).__name__} could not be evaluated on probe inputs of shape {tuple(x.shape)}: {err}"
         ) from err
-    return check_finite(out, "the model output on the probe inputs")
+    return check_output(model, x, out)
 
 
 def check_differentiable(model: nn.Module, x: Tensor) -> None:

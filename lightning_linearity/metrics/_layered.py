@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_linearity.metrics._functional import as_layered_net, check_finite
+from lightning_linearity.metrics._functional import as_layered_net, check_output
 from lightning_linearity.nets.dag import dense_source_sizes
 from lightning_linearity.nets.layers import NTKLinear
 from lightning_linearity.nets.network import LayeredNTKNet, NetworkTrace
@@ -74,7 +74,7 @@ def trace_net(net: LayeredNTKNet, x: Tensor) -> NetworkTrace:
         raise ValueError(
             f"{type(net).__name__} could not be evaluated on probe inputs of shape {tuple(x.shape)}: {err}"
         ) from err
-    check_finite(trace.output, "the model output on the probe inputs")
+    check_output(net, x, trace.output)
     return trace
 
 

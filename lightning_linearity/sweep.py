@@ -55,8 +55,10 @@ from lightning_linearity.sweeps.config import (
 from lightning_linearity.sweeps.fit import CI_METHODS, SlopeFit
 from lightning_linearity.sweeps.pool import run_pending
 from lightning_linearity.sweeps.report import (
+    CorrectedFit,
     Fit,
     fit_column,
+    fit_column_corrected,
     markdown_report,
     slug,
     write_curves,
@@ -81,6 +83,8 @@ class SweepResult:
         config: the sweep.
         rows: the CSV records of its runs (widths ascending, then seeds).
         fits: per metric column, the :class:`~lightning_linearity.sweeps.fit.SlopeFit` or why it has none.
+        corrected: with ``log_corrected``, per metric column its log-corrected fits (alpha free, alpha fixed
+            at the reference slope; :class:`~lightning_linearity.sweeps.fit.LogCorrectedFit`) or why none.
         claims: the checked claims of the config.
         executed: runs executed by this call (the others were finished before).
         files: ``"csv"``, ``"report"`` and one entry per plotted column -> path.
@@ -92,6 +96,7 @@ class SweepResult:
     claims: list[ClaimResult]
     executed: int
     files: dict[str, Path] = field(default_factory=dict)
+    corrected: dict[str, CorrectedFit] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -107,7 +112,8 @@ class SweepResult:
 
     def report(self) -> str:
         """The markdown report (also written to ``files["report"]``)."""
-        return markdown_report(self.config, self.rows, self.fits, [r.line() for r in self.claims])
+        lines = [r.line() for r in self.claims]
+        return markdown_report(self.config, self.rows, self.fits, lines, self.corrected)
 
 
 def _preflight(config: SweepConfig) -> tuple[list[str], list[Claim]]:
@@ -136,6 +142,9 @@ def _preflight(config: SweepConfig) -> tuple[list[str], list[Claim]]:
         claims = [Claim.from_mapping(raw, columns) for raw in config.claims]
     except ValueError as err:
         raise SweepError(str(err)) from None
+    needing = [claim.column for claim in claims if claim.log_power is not None]
+    if needing and not config.log_corrected:
+        raise SweepError(f"the log_power claims about {needing} need log_corrected: true")
     return columns, claims
 
 
@@ -162,8 +171,13 @@ def run_sweep(config: SweepConfig) -> SweepResult:
     )
     rows = store.rows(spec.run_id for spec in specs)
     fits = {column: fit_column(rows, column, config) for column in columns}
-    results = [check_claim(claim, rows, fits[claim.column]) for claim in claims]
-    result = SweepResult(config, rows, fits, results, executed, {"csv": store.csv_path})
+    corrected = (
+        {column: fit_column_corrected(rows, column, config) for column in columns}
+        if config.log_corrected
+        else {}
+    )
+    results = [check_claim(claim, rows, fits[claim.column], corrected.get(claim.column)) for claim in claims]
+    result = SweepResult(config, rows, fits, results, executed, {"csv": store.csv_path}, corrected)
     out = Path(config.out)
     report = out / f"{slug(config.name)}.md"
     report.write_text(result.report())

@@ -8,13 +8,16 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 import lightning_linearity.sweep as sweep_module
+import lightning_linearity.sweeps.run as run_module
+from lightning_linearity.metrics import empirical_ntk
 from lightning_linearity.sweep import main, run_sweep
 from lightning_linearity.sweeps.collect import collect, monitor_metrics, parse_metric_spec
 from lightning_linearity.sweeps.config import SweepConfig, SweepError, load_config_file
-from lightning_linearity.sweeps.run import execute_run
+from lightning_linearity.sweeps.run import build_model, execute_run
 from lightning_linearity.sweeps.store import RunStore
 
 #: A sweep that trains in well under a second per run.
@@ -65,6 +68,12 @@ def tiny(tmp_path, **overrides) -> SweepConfig:
         ({"fit_against": "depth"}, "fit_against must be one of"),
         ({"curves": ["grad_cosine"]}, "cannot plot 'grad_cosine' against the step"),
         ({"mode": "init", "metrics": ["lambda_min"], "curves": ["lambda_min"]}, "need mode 'train'"),
+        ({"frozen_layers": [0]}, "frozen_layers must be distinct layer numbers"),
+        ({"frozen_layers": [1, 1]}, "frozen_layers must be distinct layer numbers"),
+        ({"frozen_layers": [True]}, "frozen_layers must be distinct layer numbers"),
+        ({"frozen_layers": 1}, "frozen_layers must be a list"),
+        ({"log_corrected": "yes"}, "log_corrected must be true or false"),
+        ({"log_corrected": True, "reference_slope": None}, "log_corrected needs reference_slope"),
     ],
 )
 def test_bad_config_is_refused(tmp_path, overrides, match):
@@ -89,6 +98,9 @@ def test_output_folder_that_is_a_file_is_refused(tmp_path):
         ({"monitor_args": {"ntk": {"colour": "red"}}}, "unknown option"),
         ({"claims": [{"column": "loss:last", "decreasing": True}]}, "does not collect it"),
         ({"claims": [{"column": "kernel_change:max"}]}, "tests nothing"),
+        ({"claims": [{"column": "kernel_change:max", "log_power": [0, 1]}]}, "need log_corrected: true"),
+        ({"claims": [{"column": "kernel_change:max", "log_power": [1, 0]}]}, "log_power must be a range"),
+        ({"frozen_layers": [4]}, "the network has layers 1..3"),
     ],
 )
 def test_mistakes_found_before_any_run_starts(tmp_path, monkeypatch, overrides, match):
@@ -109,9 +121,68 @@ def test_run_identity_is_the_full_parameter_set(tmp_path):
         {"metrics": ["lambda_min:init"]},
         {"seeds": [1]},
         {"monitor_args": {"ntk": {"pl_ratio": False}}},  # the monitor's options, defaults resolved, count
+        {"frozen_layers": [1]},
     )
     for change in changes:
         assert tiny(tmp_path, **change).runs()[0].run_id not in ids
+
+
+def test_run_identity_without_frozen_layers_is_unchanged(tmp_path):
+    """Sweeps that freeze nothing keep the run ids (and so the finished runs) they had before the field."""
+    assert "frozen_layers" not in tiny(tmp_path).runs()[0].params()
+    assert tiny(tmp_path, frozen_layers=[2, 1]).runs()[0].params()["frozen_layers"] == [1, 2]
+
+
+@pytest.mark.parametrize("model", ["NTKFCN", "NTKDenseNet", "MaskedDAGNet"])
+def test_frozen_layers_are_not_trained_and_not_in_w(tmp_path, model):
+    config = tiny(tmp_path, model=model, frozen_layers=[1])
+    net = build_model(config, 8, 0, 64).layered_net
+    assert [p.requires_grad for p in net.layers[0].parameters()] == [False]
+    assert all(p.requires_grad for layer in net.layers[1:] for p in layer.parameters())
+    # what the sweep trains is what it measures: one row of K per point, from the trainable weights only
+    x = torch.randn(3, 64, dtype=torch.float64)
+    net = net.double()
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    jacobian = torch.cat(
+        [
+            j.reshape(3, -1)
+            for j in torch.autograd.functional.jacobian(
+                lambda *w: _forward(net, trainable, w, x), tuple(trainable)
+            )
+        ],
+        dim=1,
+    )
+    torch.testing.assert_close(empirical_ntk(net, x), jacobian @ jacobian.T)
+
+
+def _forward(net, params, values, x):
+    """``net(x)[:, 0]`` with ``params`` replaced by ``values`` (for an explicit Jacobian)."""
+    names = {id(p): name for name, p in net.named_parameters()}
+    replaced = {names[id(p)]: v for p, v in zip(params, values, strict=True)}
+    return torch.func.functional_call(net, replaced, (x,))[:, 0]
+
+
+def test_frozen_first_layer_stays_at_its_initial_values(tmp_path, monkeypatch):
+    config = tiny(tmp_path, frozen_layers=[1], metrics=["hessian_norm:init", "hessian_norm:last"])
+    built = []
+    monkeypatch.setattr(
+        run_module, "build_model", lambda *args: built.append(build_model(*args)) or built[-1]
+    )
+    record, _ = execute_run(config.runs()[-1])
+    assert record["steps"] == 5 and record["hessian_norm:last"] > 0
+    trained, initial = built[0].layered_net.layers, build_model(config, 16, 0, 64).layered_net.layers
+    torch.testing.assert_close(trained[0].weight, initial[0].weight, rtol=0, atol=0)
+    assert not torch.equal(trained[1].weight, initial[1].weight)
+
+
+def test_log_corrected_fits_are_reported_and_claimed(tmp_path):
+    claim = {"column": "lambda_min:init", "log_power": [-100, 100], "paper": "a test"}
+    result = run_sweep(tiny(tmp_path, seeds=[0, 1], log_corrected=True, claims=[claim]))
+    free, fixed = result.corrected["lambda_min:init"]
+    assert not free.slope_fixed and fixed.slope_fixed and fixed.slope == -0.5
+    report = result.files["report"].read_text()
+    assert "Log-corrected fits" in report and "b at alpha = -0.5" in report
+    assert result.passed and "expected b in [-100, 100]" in report
 
 
 def test_bottleneck_placeholder_is_replaced_by_the_width(tmp_path):

@@ -8,6 +8,9 @@ A claim in a sweep config names a metric column and one or more tests:
     the per-width means decrease strictly as the width grows.
 ``at_least: v`` / ``at_most: v``
     every run (from ``min_width`` on, if given) has a value >= v / <= v.
+``log_power: [low, high]``
+    the power b of log m in the log-corrected fit log y = a + alpha log m + b log log m, with alpha fixed at
+    the sweep's ``reference_slope``, lies in [low, high] (needs ``log_corrected: true``).
 
 plus ``paper``: the claim in words, with its source.
 """
@@ -20,9 +23,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from lightning_linearity.sweeps.fit import is_monotone_decreasing, width_means
-from lightning_linearity.sweeps.report import Fit, column_points, describe_fit
+from lightning_linearity.sweeps.report import (
+    CorrectedFit,
+    Fit,
+    column_points,
+    describe_corrected,
+    describe_fit,
+)
 
-_FIELDS = ("column", "paper", "slope", "decreasing", "at_least", "at_most", "min_width")
+_FIELDS = ("column", "paper", "slope", "decreasing", "at_least", "at_most", "min_width", "log_power")
 
 
 @dataclass(frozen=True)
@@ -36,6 +45,7 @@ class Claim:
     at_least: float | None = None
     at_most: float | None = None
     min_width: int | None = None
+    log_power: tuple[float, float] | None = None
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any], columns: Sequence[str]) -> Claim:
@@ -54,17 +64,7 @@ class Claim:
             raise ValueError(
                 f"claim about {column!r}: the sweep does not collect it; its columns are {list(columns)}"
             )
-        slope = raw.get("slope")
-        if slope is not None:
-            if (
-                isinstance(slope, str)
-                or not isinstance(slope, Sequence)
-                or len(slope) != 2
-                or not all(_is_number(bound) for bound in slope)
-                or not slope[0] <= slope[1]
-            ):
-                raise ValueError(f"claim about {column!r}: slope must be a range [low, high], got {slope!r}")
-            slope = (float(slope[0]), float(slope[1]))
+        slope, log_power = (_range(raw, key, column) for key in ("slope", "log_power"))
         decreasing = raw.get("decreasing", False)
         if not isinstance(decreasing, bool):
             raise ValueError(f"claim about {column!r}: decreasing must be true or false, got {decreasing!r}")
@@ -82,12 +82,31 @@ class Claim:
             at_least=raw.get("at_least"),
             at_most=raw.get("at_most"),
             min_width=min_width,
+            log_power=log_power,
         )
-        if claim.slope is None and not claim.decreasing and claim.at_least is None and claim.at_most is None:
+        tests = (claim.slope, claim.at_least, claim.at_most, claim.log_power)
+        if not claim.decreasing and all(test is None for test in tests):
             raise ValueError(
-                f"claim about {column!r} tests nothing: give slope, decreasing, at_least or at_most"
+                f"claim about {column!r} tests nothing: "
+                f"give slope, decreasing, at_least, at_most or log_power"
             )
         return claim
+
+
+def _range(raw: Mapping[str, Any], key: str, column: str) -> tuple[float, float] | None:
+    """The range ``[low, high]`` of a claim's ``key`` (``None`` if absent)."""
+    bounds = raw.get(key)
+    if bounds is None:
+        return None
+    if (
+        isinstance(bounds, str)
+        or not isinstance(bounds, Sequence)
+        or len(bounds) != 2
+        or not all(_is_number(bound) for bound in bounds)
+        or not bounds[0] <= bounds[1]
+    ):
+        raise ValueError(f"claim about {column!r}: {key} must be a range [low, high], got {bounds!r}")
+    return float(bounds[0]), float(bounds[1])
 
 
 def _is_number(value: Any) -> bool:
@@ -107,8 +126,10 @@ class ClaimResult:
         return f"{verdict} `{self.claim.column}`: measured {self.measured}. Paper: {self.claim.paper}"
 
 
-def check_claim(claim: Claim, rows: Sequence[Mapping[str, Any]], fit: Fit) -> ClaimResult:
-    """Test ``claim`` on the runs ``rows`` and the column's fit."""
+def check_claim(
+    claim: Claim, rows: Sequence[Mapping[str, Any]], fit: Fit, corrected: CorrectedFit | None = None
+) -> ClaimResult:
+    """Test ``claim`` on the runs ``rows``, the column's fit and its log-corrected fits."""
     widths, values = column_points(rows, claim.column)
     checks, measured = [], []
     if claim.slope is not None:
@@ -124,6 +145,12 @@ def check_claim(claim: Claim, rows: Sequence[Mapping[str, Any]], fit: Fit) -> Cl
         measured.append(f"per-width means {trend} ({'decreasing' if ok else 'NOT decreasing'})")
         if not isinstance(fit, str) and claim.slope is None:
             measured.append(describe_fit(fit))
+    if claim.log_power is not None:
+        low, high = claim.log_power
+        fixed = corrected[1] if isinstance(corrected, tuple) else None
+        checks.append(fixed is not None and low <= fixed.log_power <= high)
+        found = describe_corrected(fixed) if fixed is not None else str(corrected)
+        measured.append(f"{found}, expected b in [{low:g}, {high:g}]")
     keep = widths >= (claim.min_width or 0)
     scope = f" for m >= {claim.min_width}" if claim.min_width else ""
     for bound, name, compare in (

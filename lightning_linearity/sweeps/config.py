@@ -130,6 +130,10 @@ class SweepConfig:
             ``mask_seed`` and ``lr`` are set per run; ``loss``, ``optimizer``, ``momentum`` and
             ``weight_decay`` are fixed to plain gradient descent on the square loss.
         seeds: one run per seed and width; the seed draws the weights (and the mask of a masked DAG).
+        frozen_layers: layers l of docs/math.md 1 (1: the first layer, reading the input; L + 1: the output
+            layer) whose weight (and bias) are frozen (``requires_grad=False``): gradient descent leaves
+            them at their initial values and no metric counts them among the parameters w (docs/math.md
+            2: the NTK, the Hessian and the infinite-width kernel sum over the trainable parameters only).
         mode: ``"train"`` (full-batch gradient descent) or ``"init"`` (metrics at the initialisation only).
         data: ``name`` (``"digits"`` or ``"gaussian"``) and the data module's arguments; the data are the
             same for every run (their own ``seed``, default 0).
@@ -154,6 +158,8 @@ class SweepConfig:
         ci: slope interval, ``"t"`` (regression) or ``"bootstrap"``.
         confidence: level of the slope interval.
         reference_slope: slope of the reference line drawn in the plots (1/sqrt(m): -0.5; ``None``: none).
+        log_corrected: also fit log y = a + alpha log m + b log log m, with alpha free and with alpha fixed
+            at ``reference_slope`` (:func:`~lightning_linearity.sweeps.fit.fit_log_corrected`), and report b.
         curves: quantities (names of :mod:`~lightning_linearity.sweeps.collect`, not per layer) to plot
             against the training step, one line per width (first seed), e.g. ``["lambda_min_retained"]``.
         name: the sweep's name, used in titles.
@@ -166,6 +172,7 @@ class SweepConfig:
     model: str = "NTKFCN"
     model_args: Mapping[str, Any] = field(default_factory=dict)
     seeds: tuple[int, ...] = (0,)
+    frozen_layers: tuple[int, ...] = ()
     mode: str = "train"
     data: Mapping[str, Any] = field(default_factory=lambda: dict(DEFAULT_DATA))
     max_steps: int = 1000
@@ -181,6 +188,7 @@ class SweepConfig:
     ci: str = "t"
     confidence: float = 0.95
     reference_slope: float | None = -0.5
+    log_corrected: bool = False
     name: str = "sweep"
     progress: bool = True
     claims: tuple[Mapping[str, Any], ...] = ()
@@ -189,8 +197,9 @@ class SweepConfig:
     def __post_init__(self) -> None:
         for name in ("model_args", "data", "monitor_args", "claims"):
             _check_size(getattr(self, name), name)
-        for name in ("widths", "metrics", "seeds", "claims", "curves"):
-            value = _as_list(getattr(self, name)) if name in ("widths", "seeds") else getattr(self, name)
+        for name in ("widths", "metrics", "seeds", "frozen_layers", "claims", "curves"):
+            plain = name in ("widths", "seeds", "frozen_layers")
+            value = _as_list(getattr(self, name)) if plain else getattr(self, name)
             if isinstance(value, str | bytes) or not isinstance(value, Sequence):
                 raise SweepError(f"{name} must be a list, got {_short(value)}")
             object.__setattr__(self, name, tuple(value))
@@ -217,6 +226,12 @@ class SweepConfig:
         ):
             raise SweepError(
                 f"seeds must be distinct non-negative integers below 2**64, got {list(self.seeds)!r}"
+            )
+        frozen = self.frozen_layers
+        if any(not _is_int(l) or l < 1 for l in frozen) or len(set(frozen)) != len(frozen):
+            raise SweepError(
+                f"frozen_layers must be distinct layer numbers l >= 1 (1: the first layer), "
+                f"got {list(self.frozen_layers)!r}"
             )
         if self.model not in MODELS:
             raise SweepError(f"model must be one of {list(MODELS)}, got {self.model!r}")
@@ -272,6 +287,12 @@ class SweepConfig:
             raise SweepError(f"name must be a string (the sweep's title), got {self.name!r}")
         if not isinstance(self.progress, bool):
             raise SweepError(f"progress must be true or false, got {self.progress!r}")
+        if not isinstance(self.log_corrected, bool):
+            raise SweepError(f"log_corrected must be true or false, got {self.log_corrected!r}")
+        if self.log_corrected and self.reference_slope is None:
+            raise SweepError(
+                "log_corrected needs reference_slope, the exponent alpha fixed in one of its fits"
+            )
         for metric, options in self.monitor_args.items():
             if not isinstance(options, Mapping):
                 raise SweepError(
@@ -332,8 +353,11 @@ class RunSpec:
     def params(self) -> dict[str, Any]:
         """Everything that determines this run's result (not where it is written, nor how it is reported)."""
         c = self.config
+        # frozen_layers only when set: the runs of a sweep without it keep their identity (and results)
+        frozen = {"frozen_layers": sorted(c.frozen_layers)} if c.frozen_layers else {}
         return _plain(
             {
+                **frozen,
                 "model": c.model,
                 "model_args": c.model_kwargs(self.width),
                 "seed": self.seed,

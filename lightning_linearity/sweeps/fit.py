@@ -16,6 +16,17 @@ Two confidence intervals for alpha:
 * ``"bootstrap"``: the percentile interval of alpha_hat over ``num_bootstrap`` resamples of the runs
   (with replacement, from a seeded ``numpy.random.Generator``); resamples with fewer than two distinct
   widths have no slope and are drawn again.
+
+**Log-corrected fit** (:func:`fit_log_corrected`). 004 Theorem 3.6 bounds the Hessian norm by O~(1/sqrt(m)),
+the tilde hiding powers of log m; a maximum over m neurons, for example, grows like a power of log m. The
+fit adds that factor, y ~ C m^alpha (log m)^b:
+
+    log y_i = a + alpha log m_i + b log log m_i + e_i,
+
+by least squares (QR of the design matrix X = [1, log m, log log m]), with t-intervals from the
+covariance s^2 (X^T X)^{-1}, s^2 = sum_i r_i^2 / (n - p), on n - p degrees of freedom (p = 3). With alpha
+fixed (e.g. at -1/2) it fits a and b alone on log y_i - alpha log m_i (p = 2). Over a few octaves of m,
+log m and log log m are nearly collinear: the free fit's intervals are wide, the fixed one's narrow.
 """
 
 from __future__ import annotations
@@ -177,3 +188,107 @@ def is_monotone_decreasing(widths: Sequence[float], values: Sequence[float]) -> 
     """Whether the per-width means strictly decrease as the width grows."""
     _, means, _ = width_means(widths, values)
     return bool(np.all(np.diff(means) < 0))
+
+
+@dataclass(frozen=True)
+class LogCorrectedFit:
+    """Least-squares fit of log(value) = intercept + slope * log(width) + log_power * log(log(width)).
+
+    Attributes:
+        slope: alpha, fitted or (``slope_fixed``) given.
+        slope_low, slope_high: its confidence interval (both equal to ``slope`` when it was given).
+        log_power: b, the power of log(width).
+        log_power_low, log_power_high: its confidence interval.
+        intercept: a (natural log).
+        slope_fixed: whether alpha was given rather than fitted.
+        confidence: the level of the intervals.
+        num_runs: points in the fit.
+        num_widths: distinct widths among them.
+    """
+
+    slope: float
+    slope_low: float
+    slope_high: float
+    log_power: float
+    log_power_low: float
+    log_power_high: float
+    intercept: float
+    slope_fixed: bool
+    confidence: float
+    num_runs: int
+    num_widths: int
+
+    def predict(self, width: np.ndarray | float) -> np.ndarray:
+        """The fitted law exp(intercept) * width^slope * log(width)^log_power."""
+        m = np.asarray(width, dtype=float)
+        return np.exp(self.intercept) * m**self.slope * np.log(m) ** self.log_power
+
+
+def fit_log_corrected(
+    widths: Sequence[float],
+    values: Sequence[float],
+    *,
+    slope: float | None = None,
+    confidence: float = 0.95,
+) -> LogCorrectedFit:
+    """Fit ``values ~ C * widths**alpha * log(widths)**b`` by least squares (module docstring), with
+    alpha free (``slope=None``) or fixed at ``slope``; t-intervals for the fitted coefficients.
+
+    Args:
+        widths: width of each run (above 1, so that log log m is defined).
+        values: the metric of each run (positive and finite).
+        slope: alpha fixed at this value, or ``None`` to fit it.
+        confidence: level of the intervals, in (0, 1).
+
+    Raises:
+        ValueError: mismatched lengths, widths <= 1, non-positive or non-finite values, fewer than
+            :data:`MIN_WIDTHS` distinct widths, a non-finite ``slope`` or a bad confidence.
+    """
+    m = np.asarray(widths, dtype=float)
+    y = np.asarray(values, dtype=float)
+    if m.ndim != 1 or m.shape != y.shape:
+        raise ValueError(f"widths and values must be 1-d of equal length, got shapes {m.shape} and {y.shape}")
+    if not (np.isfinite(m) & (m > 1)).all():
+        raise ValueError(f"a log-corrected fit needs finite widths above 1 (log log m), got {m[:5].tolist()}")
+    if not (np.isfinite(y) & (y > 0)).all():
+        raise ValueError(f"a log-corrected fit needs positive finite values, got {y[:5].tolist()}")
+    num_widths = len(np.unique(m))
+    if num_widths < MIN_WIDTHS:
+        raise ValueError(f"a log-corrected fit needs at least {MIN_WIDTHS} distinct widths, got {num_widths}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    if slope is not None and (isinstance(slope, bool) or not np.isfinite(slope)):
+        raise ValueError(f"slope must be a finite number or None (fitted), got {slope!r}")
+
+    u, v = np.log(m), np.log(y)
+    columns = [np.ones_like(u), np.log(u)] if slope is not None else [np.ones_like(u), u, np.log(u)]
+    design = np.stack(columns, axis=1)
+    response = v - slope * u if slope is not None else v
+    q, r = np.linalg.qr(design)
+    coef = np.linalg.solve(r, q.T @ response)
+    n, p = design.shape
+    residuals = response - design @ coef
+    if n > p:
+        r_inv = np.linalg.inv(r)
+        variance = float(residuals @ residuals) / (n - p) * (r_inv * r_inv).sum(axis=1)  # diag (X^T X)^-1 s^2
+        half = float(stats.t.ppf(0.5 + confidence / 2.0, n - p)) * np.sqrt(variance)
+    else:
+        half = np.full(p, np.inf)
+    if slope is None:
+        alpha, alpha_low, alpha_high = float(coef[1]), float(coef[1] - half[1]), float(coef[1] + half[1])
+    else:
+        alpha = alpha_low = alpha_high = float(slope)
+    b, b_half = float(coef[-1]), float(half[-1])
+    return LogCorrectedFit(
+        alpha,
+        alpha_low,
+        alpha_high,
+        b,
+        b - b_half,
+        b + b_half,
+        float(coef[0]),
+        slope is not None,
+        confidence,
+        n,
+        num_widths,
+    )

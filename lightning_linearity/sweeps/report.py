@@ -19,10 +19,19 @@ from matplotlib.figure import Figure
 
 from lightning_linearity.sweeps.collect import QUANTITIES
 from lightning_linearity.sweeps.config import SweepConfig
-from lightning_linearity.sweeps.fit import MIN_WIDTHS, SlopeFit, fit_loglog, width_means
+from lightning_linearity.sweeps.fit import (
+    MIN_WIDTHS,
+    LogCorrectedFit,
+    SlopeFit,
+    fit_log_corrected,
+    fit_loglog,
+    width_means,
+)
 
 #: A fitted column, or the reason it was not fitted.
 Fit = SlopeFit | str
+#: A column's log-corrected fits, (alpha free, alpha fixed at the reference slope), or why there are none.
+CorrectedFit = tuple[LogCorrectedFit, LogCorrectedFit] | str
 X_LABELS = {"width": "width m", "min_in_degree": "width m = min in-degree (004 Def. 2.7)"}
 
 
@@ -46,6 +55,25 @@ def fit_column(rows: Sequence[Mapping[str, Any]], column: str, config: SweepConf
     if len(np.unique(widths)) < MIN_WIDTHS:
         return f"not fitted: fewer than {MIN_WIDTHS} widths with finite values{note}"
     return fit_loglog(widths, values, confidence=config.confidence, method=config.ci)
+
+
+def fit_column_corrected(rows: Sequence[Mapping[str, Any]], column: str, config: SweepConfig) -> CorrectedFit:
+    """The log-corrected fits of ``column`` (alpha free; alpha fixed at ``config.reference_slope``) against
+    ``config.fit_against``, or why there are none."""
+    widths, values = column_points(rows, column, config.fit_against)
+    if (values <= 0).any() or (widths <= 1).any() or len(np.unique(widths)) < MIN_WIDTHS:
+        return f"not fitted: needs positive values, widths above 1 and at least {MIN_WIDTHS} widths"
+    free = fit_log_corrected(widths, values, confidence=config.confidence)
+    fixed = fit_log_corrected(widths, values, slope=config.reference_slope, confidence=config.confidence)
+    return free, fixed
+
+
+def describe_corrected(fixed: LogCorrectedFit) -> str:
+    """``b = 0.93 (95% CI [0.71, 1.15]) at alpha = -0.5``."""
+    return (
+        f"b = {fixed.log_power:.3f} ({fixed.confidence:.0%} CI [{fixed.log_power_low:.3f}, "
+        f"{fixed.log_power_high:.3f}]) at alpha = {fixed.slope:g}"
+    )
 
 
 def slug(text: str) -> str:
@@ -138,8 +166,10 @@ def markdown_report(
     rows: Sequence[Mapping[str, Any]],
     fits: Mapping[str, Fit],
     claim_lines: Sequence[str] = (),
+    corrected: Mapping[str, CorrectedFit] | None = None,
 ) -> str:
-    """The sweep's markdown report: setting, fitted exponents, claims, and per-width means."""
+    """The sweep's markdown report: setting, fitted exponents, log-corrected fits (if any), claims, and
+    per-width means."""
     step = (
         f"eta = {config.lr_scale:g} / lambda_max(K_0) per run"
         if config.lr is None
@@ -171,6 +201,26 @@ def markdown_report(
                 f"| `{column}` | {fit.slope:.3f} | [{fit.ci_low:.3f}, {fit.ci_high:.3f}] "
                 f"| {fit.r_squared:.3f} "
                 f"| {fit.num_runs} | {reference} |"
+            )
+    if corrected:
+        level, alpha = f"{config.confidence:.0%} CI", f"{config.reference_slope:g}"
+        lines += [
+            "",
+            f"Log-corrected fits, log y = a + alpha log m + b log log m ({level}, t): alpha and b both "
+            f"fitted, and b with alpha fixed at {alpha}.",
+            "",
+            f"| metric | alpha (free) | {level} | b (free) | {level} | b at alpha = {alpha} | {level} |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for column, both in corrected.items():
+            if isinstance(both, str):
+                lines.append(f"| `{column}` | {both} | | | | | |")
+                continue
+            free, fixed = both
+            lines.append(
+                f"| `{column}` | {free.slope:.3f} | [{free.slope_low:.3f}, {free.slope_high:.3f}] "
+                f"| {free.log_power:.3f} | [{free.log_power_low:.3f}, {free.log_power_high:.3f}] "
+                f"| {fixed.log_power:.3f} | [{fixed.log_power_low:.3f}, {fixed.log_power_high:.3f}] |"
             )
     if claim_lines:
         lines += ["", *[f"- {line}" for line in claim_lines]]

@@ -119,12 +119,26 @@ def build_data(config: SweepConfig) -> pl.LightningDataModule:
 
 
 def build_model(config: SweepConfig, width: int, seed: int, in_features: int) -> LinearityModule:
-    """The model of one run: ``model_args`` at ``width``, weights (and a masked DAG's mask) from ``seed``."""
+    """The model of one run: ``model_args`` at ``width``, weights (and a masked DAG's mask) from ``seed``,
+    the layers of ``frozen_layers`` frozen (``requires_grad=False``).
+
+    Raises:
+        ValueError: a frozen layer number above the network's L + 1 layers (or the model's own checks).
+    """
     kwargs = config.model_kwargs(width)
     kwargs.update(in_features=in_features, init_seed=seed, loss="mse", optimizer="sgd", momentum=0.0)
     if config.model == "MaskedDAGNet":
         kwargs["mask_seed"] = seed
-    return MODEL_CLASSES[config.model](**kwargs)
+    model = MODEL_CLASSES[config.model](**kwargs)
+    layers = model.layered_net.layers
+    for number in config.frozen_layers:
+        if number > len(layers):
+            raise ValueError(
+                f"frozen_layers: the network has layers 1..{len(layers)} ({len(layers)}: the output layer), "
+                f"got {number}"
+            )
+        layers[number - 1].requires_grad_(False)
+    return model
 
 
 @contextmanager

@@ -156,10 +156,19 @@ def evaluate(model: nn.Module, x: Tensor) -> Tensor:
         with torch.no_grad():
             out = functional_model(model)(params, x)
     except (RuntimeError, ValueError) as err:
-        raise ValueError(
-            f"{type(model).__name__} could not be evaluated on probe inputs of shape {tuple(x.shape)}: {err}"
-        ) from err
+        raise evaluation_error(model, x, err) from err
     return check_output(model, x, out)
+
+
+def evaluation_error(model: nn.Module, x: Tensor, err: Exception) -> ValueError:
+    """The one-line error for a forward pass that failed on the probe inputs, with the likely fix."""
+    hint = ""
+    if not x.is_floating_point() and "dtype" in str(err):
+        hint = f" (the probe inputs are {x.dtype}: cast them to the model's dtype unless it reads indices)"
+    message = (
+        f"{type(model).__name__} could not be evaluated on probe inputs of shape {tuple(x.shape)}: {err}"
+    )
+    return ValueError(" ".join(f"{message}{hint}".split()))
 
 
 def check_differentiable(model: nn.Module, x: Tensor) -> None:

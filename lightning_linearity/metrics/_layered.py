@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_linearity.metrics._functional import as_layered_net, check_output
+from lightning_linearity.metrics._functional import as_layered_net, check_output, evaluation_error
 from lightning_linearity.nets.dag import dense_source_sizes
 from lightning_linearity.nets.layers import NTKLinear
 from lightning_linearity.nets.network import LayeredNTKNet, NetworkTrace
@@ -71,9 +71,7 @@ def trace_net(net: LayeredNTKNet, x: Tensor) -> NetworkTrace:
         with torch.no_grad():
             trace = net.trace(x)
     except (RuntimeError, ValueError) as err:
-        raise ValueError(
-            f"{type(net).__name__} could not be evaluated on probe inputs of shape {tuple(x.shape)}: {err}"
-        ) from err
+        raise evaluation_error(net, x, err) from err
     check_output(net, x, trace.output)
     return trace
 

@@ -82,3 +82,35 @@ def test_ddp_cpu_matches_one_process(tmp_path):
         # ||K|| ~ 5, which moves lambda_min ~ 0.03 by ~1e-5 of itself at most
         assert float(ddp) == pytest.approx(float(single), rel=1e-4)
     assert (tmp_path / "ddp_cpu" / "version_0" / "metrics.csv").is_file()
+
+
+def markdown_rows(text: str) -> list[dict[str, str]]:
+    """The rows of a markdown table as ``{column: cell}``."""
+    lines = [line.strip().strip("|").split("|") for line in text.splitlines() if line.startswith("|")]
+    header, body = [cell.strip() for cell in lines[0]], lines[2:]
+    return [dict(zip(header, (cell.strip() for cell in cells), strict=True)) for cells in body]
+
+
+def test_lazy_vs_catapult_quick_run_shows_both_regimes(tmp_path):
+    out = run_example("lazy_vs_catapult.py", "--quick", "--out", str(tmp_path))
+
+    rows = {float(row["c"]): row for row in markdown_rows((tmp_path / "table.md").read_text())}
+    assert out.count("| 256 |") == 2 and sorted(rows) == [0.5, 3.0]
+    lazy, catapult = ({key: float(v) for key, v in row.items() if key != "regime"} for row in rows.values())
+    # the same network: the same K_0, the steps eta = c / lambda_max(K_0)
+    assert lazy["lambda_max(K_0)"] == catapult["lambda_max(K_0)"]
+    for row, c in ((lazy, 0.5), (catapult, 3.0)):
+        assert row["eta"] * row["lambda_max(K_0)"] == pytest.approx(c, rel=1e-3)
+    # lazy: the loss falls at every step, the kernel hardly moves, eta * lambda_max(K) / 2 stays near c / 2
+    assert lazy["loss_rises"] == 0 and lazy["loss_max"] == lazy["loss_0"] > lazy["loss_end"]
+    assert lazy["kernel_change_end"] < 0.05
+    assert lazy["eta*lambda_max(K_end)/2"] == pytest.approx(0.25, rel=0.05)
+    # catapult: the loss rises above its start, lambda_max(K) falls below 2 / eta, then the loss converges
+    assert catapult["loss_max"] > 2 * catapult["loss_0"] and catapult["loss_end"] < lazy["loss_end"]
+    assert catapult["eta*lambda_max(K_end)/2"] < 0.8
+    assert catapult["kernel_change_end"] > 0.3 > 10 * lazy["kernel_change_end"]
+    # the loss Hessian's top eigenvalue near a minimum: about its Gauss-Newton part lambda_max(K)
+    for row in (lazy, catapult):
+        assert row["eta*sharpness_end/2"] == pytest.approx(row["eta*lambda_max(K_end)/2"], rel=0.05)
+    assert [rows[0.5]["regime"], rows[3.0]["regime"]] == ["lazy", "catapult"]
+    assert (tmp_path / "lazy_vs_catapult.png").read_bytes()[:4] == b"\x89PNG"

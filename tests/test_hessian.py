@@ -340,8 +340,9 @@ def test_bad_inputs():
             hessian_spectral_norm(net, x, columns=columns)
     with pytest.raises(ValueError, match="method must be"):
         hessian_spectral_norm(net, x, method="dense")
-    with pytest.raises(ValueError, match="not one of the package's networks"):
-        hessian_spectral_norm(nn.Sequential(nn.Linear(4, 1)).double(), x, method="structured")
+    normed = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3), nn.Linear(3, 1)).double()
+    with pytest.raises(ValueError, match=r"not one of the package's networks, nor a chain.*LayerNorm"):
+        hessian_spectral_norm(normed, x, method="structured")
     with pytest.raises(ValueError, match="could not be evaluated"):
         hessian_spectral_norm(net, x[:0])
     frozen = make_net("fcn", 1, bias=False).requires_grad_(False)

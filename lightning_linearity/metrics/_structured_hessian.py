@@ -1,10 +1,16 @@
-"""Hessian-vector products of the package's layered networks in closed form, on a small subspace.
+"""Hessian-vector products of layered networks in closed form, on a small subspace.
+
+A layered network (docs/math.md section 1) computes z_l = s_l∘(W̃_l c_l + b_l), h_l = sigma_l(z_l), where c_l
+concatenates the h_j (and x) that layer l reads. The package's networks have s_l = deg_l^(-1/2), masked
+weights W̃_l = M_l ⊙ W_l and one sigma; a user's chain of ``nn.Linear`` layers and elementwise activations
+(:mod:`~lightning_linearity.metrics._chain`) has s_l = 1, no mask, c_l = h_{l-1} and its own sigma_l per
+layer. :class:`LayerForm` and :class:`LayeredPass` are what the products read from either.
 
 For one probe point x and one function F = seed . z_top(w; x) (an output f_a with top = L+1 and seed e_a,
 or a hidden pre-activation z_l[r] with top = l and seed e_r), the gradient with respect to layer l's weights
 is a masked rank-one matrix (docs/math.md section 1 and 2.4),
 
-    dF/dW_l = M_l ⊙ (s_l∘delta_l) c_l^T,   dF/db_l = s_l∘delta_l,   s_l = deg_l^(-1/2),  delta_l = dF/dz_l,
+    dF/dW_l = M_l ⊙ (s_l∘delta_l) c_l^T,   dF/db_l = s_l∘delta_l,   delta_l = dF/dz_l,
 
 so the Hessian-vector product along a tangent V is, with the tangents ċ_l and δ̇_l of c_l and delta_l,
 
@@ -24,8 +30,8 @@ parameter space, <E a, E b> = a . G b, with p_l = s_l∘u_l and
 
 X_l and Y_l are also what V feeds into the two passes ((M⊙V_l) c_l + V_b,l = X_l and (M⊙V_l)^T q_l = Y_l):
 
-    forward,  l < top:   ż_l = s_l∘(X_l + W̃_l ċ_l),   ḣ_l = sigma'(z_l)∘ż_l,   ċ_l from the ḣ it reads
-    backward, l <= top:  δ̇_top = 0,   δ̇_l = sigma''(z_l)∘ż_l∘g_l + sigma'(z_l)∘ġ_l,
+    forward,  l < top:   ż_l = s_l∘(X_l + W̃_l ċ_l),   ḣ_l = sigma_l'(z_l)∘ż_l,   ċ_l from the ḣ it reads
+    backward, l <= top:  δ̇_top = 0,   δ̇_l = sigma_l''(z_l)∘ż_l∘g_l + sigma_l'(z_l)∘ġ_l,
                          ġ_j += (Y_l + W̃_l^T (s_l∘δ̇_l))[columns of h_j in c_l]
 
 where W̃_l = M_l ⊙ W_l and g_j = dF/dh_j. A step costs two products with each weight matrix (plus two with
@@ -35,6 +41,7 @@ parameter-sized vector is ever formed. Without a mask the mask products are sums
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +54,33 @@ from lightning_linearity.metrics._layered import (
     trainable_flags,
 )
 from lightning_linearity.nets.network import LayeredNTKNet
+
+
+@dataclass(frozen=True)
+class LayerForm:
+    """Layer l of a layered network as the products read it: z_l = s_l∘(W̃_l c_l + b_l)."""
+
+    weight: Tensor  # W̃_l = M_l ⊙ W_l, (m, n)
+    scale: Tensor | float  # s_l, (m,), or 1.0
+    mask: Tensor | None  # M_l, (m, n); None when fully connected
+    bias: bool  # whether the layer has a (trainable) bias b_l
+    sources: list[tuple[int, slice]]  # (j, columns of c_l holding h_j), j >= 1
+
+
+@dataclass(frozen=True)
+class LayeredPass:
+    """One forward and one backward pass of the functions F_a = seed[a] . z_top on the probes x_i.
+
+    ``inputs[l-1]`` is c_l (n, n_l) for l = 1..top; ``deltas[l-1]`` is dF_a/dz_l (n, q, m_l); for the hidden
+    layers l < top, ``posts[l-1]`` is dF_a/dh_l (n, q, m_l) and ``slopes`` / ``curvatures`` are sigma_l'(z_l)
+    and sigma_l''(z_l) (n, m_l).
+    """
+
+    inputs: list[Tensor]
+    deltas: list[Tensor]
+    posts: list[Tensor]
+    slopes: list[Tensor]
+    curvatures: list[Tensor]
 
 
 def structured_hessian_blocker(net: LayeredNTKNet, top: int) -> str | None:
@@ -64,9 +98,29 @@ def structured_hessian_blocker(net: LayeredNTKNet, top: int) -> str | None:
     return None
 
 
-def coordinate_count(net: LayeredNTKNet, top: int) -> int:
-    """R = sum_{l <= top} (m_l + n_l), the number of coordinates (u_l, y_l) of the subspace."""
-    return sum(layer.out_features + layer.in_features for layer in net.layers[:top])
+def net_forms(net: LayeredNTKNet, top: int) -> list[LayerForm]:
+    """Layers 1..``top`` of the package's network: s_l = deg_l^(-1/2), its masks and connectivity."""
+    return [
+        LayerForm(
+            layer.effective_weight(),
+            layer.in_degree.rsqrt(),
+            layer.mask,
+            layer.bias is not None,
+            [(j, cols) for j, cols in source_columns(net, l) if j >= 1],
+        )
+        for l, layer in enumerate(net.layers[:top], start=1)
+    ]
+
+
+def net_pass(net: LayeredNTKNet, x: Tensor, top: int, seed: Tensor) -> LayeredPass:
+    """The :class:`LayeredPass` of the package's network (its trace and closed-form backpropagation)."""
+    trace = trace_net(net, x)
+    deltas, posts = backpropagate_with_posts(net, trace, top, seed)
+    with torch.no_grad():
+        z = trace.preactivations[: top - 1]
+        slopes = [net.activation.derivative(t) for t in z]
+        curvatures = [net.activation.second_derivative(t) for t in z]
+    return LayeredPass(trace.inputs[:top], deltas, posts, slopes, curvatures)
 
 
 @dataclass(frozen=True)
@@ -74,7 +128,7 @@ class _Layer:
     """Constants of layer l; ``rows`` holds those of the batch elements (probe, function), one row each."""
 
     weight: Tensor  # W̃_l = M_l ⊙ W_l, (m, n)
-    scale: Tensor  # s_l, (m,)
+    scale: Tensor | float  # s_l, (m,) or 1.0
     mask: Tensor | None  # M_l, (m, n); None when fully connected
     sources: list[tuple[int, slice]]  # (j, columns of c_l holding h_j), j >= 1
     rows: _Rows
@@ -99,42 +153,38 @@ class _Rows:
 class StructuredHessian:
     """The Hessians d^2 F_b / dw^2 of the batch elements b = (probe i, function a) as Lanczos operators.
 
-    Element b = i * q + a is the Hessian of ``seed[a] . z_top(w; x_i)``. :meth:`matvec` and :meth:`gram`
-    are batched operators in the sense of :mod:`~lightning_linearity.metrics._linalg` on the ``dim``
-    coordinates described in the module docstring; pass both to
-    :func:`~lightning_linearity.metrics._linalg.lanczos`.
+    Element b = i * q + a is the Hessian of ``seed[a] . z_top(w; x_i)``, for the layers ``forms`` (1..top)
+    and the ``passed`` forward/backward pass of those functions. :meth:`matvec` and :meth:`gram` are
+    batched operators in the sense of :mod:`~lightning_linearity.metrics._linalg` on the ``dim`` coordinates
+    described in the module docstring; pass both to :func:`~lightning_linearity.metrics._linalg.lanczos`.
     """
 
-    def __init__(self, net: LayeredNTKNet, x: Tensor, top: int, seed: Tensor):
-        trace = trace_net(net, x)
-        repeat = seed.shape[0]
-        deltas, posts = backpropagate_with_posts(net, trace, top, seed)  # (n, q, m_l) each
-        post = [g.flatten(0, 1) for g in posts]  # g_l = dF/dh_l for the hidden layers below top
+    def __init__(self, forms: Sequence[LayerForm], passed: LayeredPass):
+        top = len(forms)
+        repeat = passed.deltas[0].shape[1]
         self.top, self.layers = top, []
         with torch.no_grad():
-            scales = [layer.in_degree.rsqrt().to(x.dtype) for layer in net.layers[:top]]
-            qs = [d.flatten(0, 1) * s for d, s in zip(deltas, scales, strict=True)]
-            for l in range(1, top + 1):
-                layer = net.layers[l - 1]
-                c, q = trace.inputs[l - 1].repeat_interleave(repeat, dim=0), qs[l - 1]
-                mask = None if layer.mask is None else layer.mask.to(c.dtype)
-                bias = 1.0 if layer.bias is not None else 0.0
+            for l, form in enumerate(forms, start=1):
+                delta = passed.deltas[l - 1].flatten(0, 1)
+                c, q = passed.inputs[l - 1].repeat_interleave(repeat, dim=0), delta * form.scale
+                mask = None if form.mask is None else form.mask.to(c.dtype)
+                bias = 1.0 if form.bias else 0.0
                 if mask is None:
                     c_energy = (c * c).sum(dim=1, keepdim=True) + bias
                     q_energy = (q * q).sum(dim=1, keepdim=True)
                 else:
                     c_energy = (c * c) @ mask.T + bias
                     q_energy = (q * q) @ mask
-                slope = curvature = None
+                slope = curvature = post = None
                 if l < top:
-                    z = trace.preactivations[l - 1].repeat_interleave(repeat, dim=0)
-                    slope, curvature = net.activation.derivative(z), net.activation.second_derivative(z)
-                rows = _Rows(c, q, c_energy, q_energy, slope, curvature, post[l - 1] if l < top else None)
-                sources = [(j, cols) for j, cols in source_columns(net, l) if j >= 1]
-                self.layers.append(_Layer(layer.effective_weight(), scales[l - 1], mask, sources, rows))
-        self.sizes = [size for layer in net.layers[:top] for size in (layer.out_features, layer.in_features)]
-        self.dim = coordinate_count(net, top)
-        self.batch = x.shape[0] * repeat
+                    slope = passed.slopes[l - 1].repeat_interleave(repeat, dim=0)
+                    curvature = passed.curvatures[l - 1].repeat_interleave(repeat, dim=0)
+                    post = passed.posts[l - 1].flatten(0, 1)
+                rows = _Rows(c, q, c_energy, q_energy, slope, curvature, post)
+                self.layers.append(_Layer(form.weight, form.scale, mask, form.sources, rows))
+        self.sizes = [size for form in forms for size in form.weight.shape]
+        self.dim = sum(self.sizes)
+        self.batch = passed.deltas[0].shape[0] * repeat
         self._selected: tuple[Tensor, list[_Rows]] | None = None
 
     def _rows(self, active: Tensor) -> list[_Rows]:
@@ -232,4 +282,18 @@ class StructuredHessian:
                     rows = p * p * r.c_energy + 2 * p * q * ((c * y) @ mask.T) + q * q * ((y * y) @ mask.T)
                     cols = c * c * ((p * p) @ mask) + 2 * c * y * ((p * q) @ mask) + y * y * r.q_energy
                 out.append((rows, cols))
+        return out
+
+    def tangents(self, v: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """The parameter-space vectors V = E(v) of all batch elements, per layer l: the weight part
+        M_l ⊙ (p c_l^T + q_l y_l^T), shape (B, m, n), and the bias part p, (B, m), with p = s_l∘u_l.
+
+        Forms P numbers per batch element: for checks against autograd, not for the products.
+        """
+        out = []
+        with torch.no_grad():
+            for layer, (u, y) in zip(self.layers, self._split(v), strict=True):
+                p, r = u * layer.scale, layer.rows
+                weight = p.unsqueeze(2) * r.c.unsqueeze(1) + r.q.unsqueeze(2) * y.unsqueeze(1)
+                out.append((weight if layer.mask is None else weight * layer.mask, p))
         return out

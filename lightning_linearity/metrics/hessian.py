@@ -30,15 +30,19 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
+from torch.nn.modules.batchnorm import _NormBase
 
+from lightning_linearity.metrics._chain import LinearChain, linear_chain
 from lightning_linearity.metrics._functional import (
     Params,
+    as_2d_output,
     as_layered_net,
     check_differentiable,
     check_finite,
     evaluate,
-    functional_model,
     layer_output_model,
+    model_buffers,
+    model_call,
     num_parameters,
     resolve_layer,
     trainable_parameters,
@@ -54,8 +58,11 @@ from lightning_linearity.metrics._linalg import (
     random_unit_vectors,
 )
 from lightning_linearity.metrics._structured_hessian import (
+    LayeredPass,
+    LayerForm,
     StructuredHessian,
-    coordinate_count,
+    net_forms,
+    net_pass,
     structured_hessian_blocker,
 )
 from lightning_linearity.nets.network import LayeredNTKNet
@@ -187,9 +194,9 @@ def hessian_spectral_norm(
     layer_name, neurons = None, None
     if layer is not None:
         _, layer_name = resolve_layer(model, layer)
-    net, top = _structured_path(model, layer, method)
-    if net is not None:
-        q = net.out_features if layer is None else net.hidden_widths[top - 1]
+    route = _structured_route(model, x, layer, method)
+    if route is not None:
+        q = route.width
         seed = torch.eye(q, dtype=dtype, device=device)
         if layer is not None:
             neurons = _sample_neurons(q, num_neurons, generator).to(device)
@@ -197,13 +204,17 @@ def hessian_spectral_norm(
         selected = _check_columns(columns, q).to(device)
 
         def problem(probes: Tensor) -> tuple[BatchedMatvec, BatchedMatvec | None, int, Callable]:
-            operator = StructuredHessian(net, probes, top, seed[selected])
-            return operator.matvec, operator.gram, operator.dim, operator.energies
+            operator = StructuredHessian(route.forms, route.run(probes, route.top, seed[selected]))
 
-        dim = 2 * coordinate_count(net, top)  # Lanczos keeps Q and G Q
+            def energies(vectors: Tensor) -> LayerEnergies | dict[str, Tensor]:
+                return route.energies(operator.energies(vectors))
+
+            return operator.matvec, operator.gram, operator.dim, energies
+
+        dim = 2 * sum(sum(form.weight.shape) for form in route.forms)  # Lanczos keeps Q and G Q
     else:
         if layer is None:
-            g = functional_model(model)
+            g = _transformable_model(model)
         else:
             g = layer_output_model(model, layer)
             with torch.no_grad():
@@ -279,7 +290,7 @@ def hessian_spectral_norm(
         values = values.mean()
     if not return_info:
         return values
-    path = "generic" if net is None else "structured"
+    path = "generic" if route is None else "structured"
     info = HessianInfo(num_hvps, converged, max_iter, float(tol), layer_name, neurons, path)
     if eigenvector_shares:
         names = shares[0][0]
@@ -303,11 +314,7 @@ def _flat_energies(model: nn.Module, params: Params, vectors: Tensor) -> LayerEn
     parts = dict(zip(params, (t.pow(2) for t in vectors.split(numels, dim=1)), strict=True))
     net = as_layered_net(model)
     if net is None:
-        groups: dict[str, Tensor] = {}
-        for name, part in parts.items():
-            module = name.rpartition(".")[0] or name
-            groups[module] = groups.get(module, 0.0) + part.sum(dim=1)
-        return groups
+        return _module_energies({name: part.sum(dim=1) for name, part in parts.items()})
     names = {id(p): name for name, p in model.named_parameters()}
     energies = []
     for layer in net.layers:
@@ -322,6 +329,28 @@ def _flat_energies(model: nn.Module, params: Params, vectors: Tensor) -> LayerEn
             rows = rows + parts[names[id(layer.bias)]]
         energies.append((rows, cols))
     return energies
+
+
+def _module_energies(parameter_energies: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Squared norms (B,) per parameter, summed per module name (a root parameter is its own group)."""
+    groups: dict[str, Tensor] = {}
+    for name, energy in parameter_energies.items():
+        module = name.rpartition(".")[0] or name
+        groups[module] = groups.get(module, 0.0) + energy
+    return groups
+
+
+def _chain_energies(chain: LinearChain, params: Params, energies: LayerEnergies) -> dict[str, Tensor]:
+    """:func:`_module_energies` of the chain's layers from their (rows, columns) energies: the weight's
+    squared norm is the sum of its columns', the bias's what the rows hold beyond it."""
+    per_parameter = {}
+    for name, linear, (rows, cols) in zip(chain.names, chain.linears, energies, strict=True):
+        prefix = f"{name}." if name else ""
+        weight = cols.sum(dim=1)
+        per_parameter[prefix + "weight"] = weight
+        if linear.bias is not None:
+            per_parameter[prefix + "bias"] = (rows.sum(dim=1) - weight).clamp(min=0)
+    return _module_energies({name: per_parameter[name] for name in params})
 
 
 def _eigenvector_shares(
@@ -346,21 +375,66 @@ def _eigenvector_shares(
     return names, per_layer / total, best.max(dim=1).values / total[:, 0], where
 
 
-def _structured_path(
-    model: nn.Module, layer: int | str | None, method: Method
-) -> tuple[LayeredNTKNet | None, int]:
-    """The network for the structured products and the index ``top`` of the differentiated layer, or
-    ``(None, 0)`` for the generic path (see ``method``)."""
+@dataclass(frozen=True)
+class _Route:
+    """The structured products of a model: its layers 1..top, their pass on a chunk of probes for a seed
+    (``run(probes, top, seed)``), the number q of functions of z_top, and the eigenvector energies in the
+    grouping :func:`_eigenvector_shares` needs."""
+
+    forms: list[LayerForm]
+    run: Callable[[Tensor, int, Tensor], LayeredPass]
+    top: int
+    width: int
+    energies: Callable[[LayerEnergies], LayerEnergies | dict[str, Tensor]]
+
+
+def _structured_route(model: nn.Module, x: Tensor, layer: int | str | None, method: Method) -> _Route | None:
+    """The structured products for ``model`` (the package's network, or a chain of ``nn.Linear`` layers and
+    elementwise activations), or ``None`` for the generic path (see ``method``)."""
     if method == "generic":
-        return None, 0
-    net = structured_net(model, required=method == "structured")
-    if net is None:
-        return None, 0
-    top = net.depth + 1 if layer is None else net.resolve_hidden_layer(layer)
-    reason = structured_hessian_blocker(net, top)
-    if reason is not None and method == "structured":
+        return None
+    if as_layered_net(model) is not None:
+        net = structured_net(model, required=method == "structured")
+        if net is None:
+            return None
+        top = net.depth + 1 if layer is None else net.resolve_hidden_layer(layer)
+        reason = structured_hessian_blocker(net, top)
+        if reason is None:
+            width = net.out_features if layer is None else net.hidden_widths[top - 1]
+            return _Route(net_forms(net, top), partial(net_pass, net), top, width, lambda energies: energies)
+    else:
+        chain = linear_chain(model, x)
+        if isinstance(chain, str):
+            reason = (
+                f"{type(model).__name__} is not one of the package's networks, nor a chain of nn.Linear "
+                f"layers and elementwise activations: {chain}"
+            )
+        else:
+            top = chain.depth + 1 if layer is None else chain.layer_index(resolve_layer(model, layer)[0])
+            reason = None if top is not None else f"layer {layer!r} is not one of its nn.Linear layers"
+        if reason is None:
+            energies = partial(_chain_energies, chain, trainable_parameters(model))
+            return _Route(chain.forms(top), chain.hessian_pass, top, chain.width(top), energies)
+    if method == "structured":
         raise ValueError(f"method='structured' cannot handle this model: {reason}. Use method='generic'.")
-    return (None, 0) if reason is not None else (net, top)
+    return None
+
+
+def _transformable_model(model: nn.Module) -> Callable[[Params, Tensor], Tensor]:
+    """:func:`~lightning_linearity.metrics._functional.functional_model` without the running statistics of
+    normalisation layers in training mode (passed as ``None``): they normalise by the statistics of the
+    batch (one probe point here) either way, and updating a statistic in place is not allowed inside
+    ``torch.func`` transforms."""
+    tensors = model_buffers(model)
+    for prefix, module in model.named_modules():
+        if isinstance(module, _NormBase) and module.training and module.track_running_stats:
+            for name, _ in module.named_buffers(prefix=prefix):
+                tensors[name] = None
+
+    def f(params: Params, x: Tensor) -> Tensor:
+        return as_2d_output(model_call(model, {**tensors, **params}, x), x.shape[0])
+
+    return f
 
 
 def default_chunk_size(num_outputs: int, num_params: int, max_iter: int) -> int:

@@ -1,8 +1,9 @@
-"""Neuron-gradient cosines: the structured Gram recursion vs per-neuron backward passes, from one run.
+"""Neuron-gradient cosines: the structured Gram recursion, the engine and per-neuron backward passes.
 
-    python benchmarks/cosines.py              # the table of benchmarks/README.md (a few minutes on 2 cores)
-    python benchmarks/cosines.py --threads 1
+    python benchmarks/cosines.py              # both tables of benchmarks/README.md (minutes on 2 cores)
+    python benchmarks/cosines.py --threads 1 --part foreign
 
+Part ``fcn``:
 Three ways to get the mean |cos| of docs/math.md 2.5 for the last hidden layer of a tanh FCN (depth 3, input
 dim 64, 20 probes as in 000 Figure 3):
 
@@ -13,6 +14,17 @@ dim 64, 20 probes as in 000 Figure 3):
   the gradients stacked and their cosines taken (written out here, independent of the package).
 
 The last column is the largest difference between the three values.
+
+Part ``foreign``: the last hidden layer of a foreign MLP, ``nn.Sequential`` 64 -> 1024 -> 1024 -> 1024 -> 10
+with ReLU (PyTorch's default parameterisation, biases), 20 probes:
+
+* ``engine``: ``neuron_gradient_cosines(method="engine")`` (what ``"auto"`` takes for it), one forward and
+  one backward pass seeded at the layer with the sampled neurons, per-module Gram blocks;
+* ``generic``: ``method="generic"`` on the same model, the same neurons (the reference path);
+* ``structured``: the NTK twin ``LayeredNTKNet.fcn(64, [1024] * 3, 10, activation="relu")``, structured path
+  (a different network, so a different value: only its time is compared).
+
+The engine and the structured twin are timed alternately (best of 3 each), the generic path once.
 """
 
 from __future__ import annotations
@@ -22,11 +34,13 @@ import os
 import time
 
 import torch
+from torch import nn
 
 from lightning_linearity.metrics.cosines import neuron_gradient_cosines
 from lightning_linearity.nets import LayeredNTKNet
 
 IN_FEATURES, DEPTH, PROBES = 64, 3, 20
+FOREIGN_WIDTH, FOREIGN_OUT = 1024, 10
 
 
 def per_neuron_backward(net: LayeredNTKNet, x: torch.Tensor, layer: int, neurons: torch.Tensor) -> float:
@@ -60,9 +74,17 @@ def timed(fn, repeat: int) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--part", choices=["fcn", "foreign", "all"], default="all")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.part in ("fcn", "all"):
+        fcn_table()
+    if args.part in ("foreign", "all"):
+        foreign_table()
+
+
+def fcn_table() -> None:
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, float32, "
         f"tanh FCN depth {DEPTH}, input dim {IN_FEATURES}, n = {PROBES}, layer {DEPTH}; "
@@ -90,6 +112,45 @@ def main() -> None:
         print(
             f"| {width} | {count} | {fast:.3f} | {generic:.2f} | {loop:.2f} | {generic / fast:.0f}x "
             f"| {loop / fast:.0f}x | {value:.4f} | {diff:.0e} |",
+            flush=True,
+        )
+
+
+def foreign_table() -> None:
+    width = FOREIGN_WIDTH
+    torch.manual_seed(0)
+    mlp = nn.Sequential(
+        nn.Linear(IN_FEATURES, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+        nn.Linear(width, width), nn.ReLU(), nn.Linear(width, FOREIGN_OUT),
+    )  # fmt: skip
+    twin = LayeredNTKNet.fcn(IN_FEATURES, [width] * DEPTH, FOREIGN_OUT, activation="relu", seed=0)
+    x = torch.randn(PROBES, IN_FEATURES, generator=torch.Generator().manual_seed(0))
+    print(
+        f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, float32, "
+        f"nn.Sequential {IN_FEATURES}-{width}-{width}-{width}-{FOREIGN_OUT} ReLU, layer '4' (hidden layer "
+        f"{DEPTH}), n = {PROBES}; load average {os.getloadavg()[0]:.1f}\n"
+    )
+    print("| neurons compared | engine s | NTK twin structured s | generic s | engine / structured "
+          "| generic / engine | mean abs cos (engine) | engine - generic |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for num_neurons in (32, 128):
+
+        def metric(model, layer, method, num_neurons=num_neurons):
+            generator = torch.Generator().manual_seed(1)
+            return neuron_gradient_cosines(model, x, layer, num_neurons=num_neurons, generator=generator,
+                                           method=method)  # fmt: skip
+
+        metric(mlp, "4", "engine")  # warm-up
+        metric(twin, DEPTH, "structured")
+        engine, structured, value = float("inf"), float("inf"), None
+        for _ in range(3):  # alternate, best of 3 each
+            seconds, value = timed(lambda: metric(mlp, "4", "engine"), 1)
+            engine = min(engine, seconds)
+            structured = min(structured, timed(lambda: metric(twin, DEPTH, "structured"), 1)[0])
+        generic, generic_value = timed(lambda: metric(mlp, "4", "generic"), 1)
+        print(
+            f"| {num_neurons} | {engine:.3f} | {structured:.3f} | {generic:.2f} | {engine / structured:.2f}x "
+            f"| {generic / engine:.0f}x | {value:.4f} | {abs(value - generic_value):.0e} |",
             flush=True,
         )
 

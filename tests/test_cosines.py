@@ -26,12 +26,13 @@ def make_net(family, *, widths=(6, 5, 4), bias=False):
     return LayeredNTKNet.from_edges(EDGES, **kwargs)
 
 
-def reference_cosines(model, x, preactivation, neurons=None):
-    """Per probe: mean over pairs r != s of |cos| between g_r = autograd.grad(z[r], all parameters)."""
+def reference_gram(model, x, preactivation, neurons=None):
+    """Per probe: G[a, b] = <g_a, g_b> with g_r = autograd.grad(z[r], all parameters), one neuron at a time;
+    ``preactivation(x_i)`` is the layer's output for the single probe x_i, shape (1, ...)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    result = []
+    grams = []
     for i in range(x.shape[0]):
-        z = preactivation(x[i : i + 1])[0]
+        z = preactivation(x[i : i + 1]).reshape(-1)
         rows = range(z.shape[0]) if neurons is None else neurons.tolist()
         grads = torch.stack([
             torch.cat([
@@ -40,11 +41,21 @@ def reference_cosines(model, x, preactivation, neurons=None):
             ])
             for r in rows
         ])  # fmt: skip
-        unit = grads / grads.norm(dim=1, keepdim=True)
-        cos = (unit @ unit.T).abs()
-        s = len(rows)
-        result.append((cos.sum() - cos.diagonal().sum()) / (s * (s - 1)))
-    return torch.stack(result)
+        grams.append(grads @ grads.T)
+    return torch.stack(grams)
+
+
+def mean_abs_cosine(gram):
+    """Per probe: the mean over pairs r != s of |G_rs| / sqrt(G_rr G_ss), for ``gram`` of shape (n, s, s)."""
+    norms = torch.diagonal(gram, dim1=1, dim2=2).sqrt()
+    cos = (gram / (norms[:, :, None] * norms[:, None, :])).abs()
+    s = gram.shape[1]
+    return (cos.sum(dim=(1, 2)) - torch.diagonal(cos, dim1=1, dim2=2).sum(dim=1)) / (s * (s - 1))
+
+
+def reference_cosines(model, x, preactivation, neurons=None):
+    """Per probe: mean over pairs r != s of |cos| between g_r = autograd.grad(z[r], all parameters)."""
+    return mean_abs_cosine(reference_gram(model, x, preactivation, neurons))
 
 
 def net_preactivation(net, layer):

@@ -20,8 +20,20 @@ in-degrees of DenseNets and DAGs only change g_k. The rows of J_{l,k} for the (s
 one batched backward recursion (see :func:`~lightning_linearity.metrics._layered.backpropagate`), so the cost
 is that of backpropagating ``num_neurons`` vectors through layers l..1, for all probes at once.
 
-Generic path (any ``nn.Module``, the layer named by its submodule whose output is the pre-activation):
-per-probe Jacobians of the sampled neurons, ``vmap(jacrev)``, contracted to G per probe.
+Engine path (any other model made of standard layers, the layer named by its submodule whose output is the
+pre-activation; docs/math.md 2.7 and 3): the per-module rules of :mod:`lightning_linearity.metrics.engine`
+with the sampled neurons in place of the outputs of f. One forward pass records each module's inputs, one
+backward pass seeded at the layer's output with the one-hot vectors of the sampled neurons gives
+D_m[i,r] = d z_l[r](x_i) / d y_m for every module m before the layer, and
+
+    G_l[i,r,s] = sum_m < d z_l[r](x_i)/d theta_m , d z_l[s](x_i)/d theta_m >,
+
+each module's term its rule's contraction of its inputs and D (for a Linear, (C C^T + 1) ⊙ (D D^T) per
+probe), the layer's own parameters included (its D is the one-hot seed). Models the engine refuses
+(:class:`~lightning_linearity.metrics.engine.UnsupportedModel`) take the generic path under ``"auto"``.
+
+Generic path (any ``nn.Module``): per-probe Jacobians of the sampled neurons, ``vmap(jacrev)``, contracted
+to G per probe; the reference for the other two.
 
 Remark 4 of 000: neurons of the first hidden layer depend on private parameters only (row r of W_1), so
 their gradients are exactly orthogonal and the metric is 0 for layer 1 at any width.
@@ -29,6 +41,7 @@ their gradients are exactly orthogonal and the metric is 0 for layer 1 at any wi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -44,24 +57,20 @@ from lightning_linearity.metrics._functional import (
     evaluate,
     layer_output_model,
     num_parameters,
+    resolve_layer,
     trainable_parameters,
 )
-from lightning_linearity.metrics._layered import (
-    Method,
-    backpropagate,
-    check_method,
-    structured_net,
-    trace_net,
-    trainable_flags,
-)
+from lightning_linearity.metrics._layered import backpropagate, structured_net, trace_net, trainable_flags
 from lightning_linearity.metrics._linalg import chunk_slices
+from lightning_linearity.metrics.engine import neuron_gram, unless_unsupported
+from lightning_linearity.metrics.engine._ntk_linear import private_gradient_energy
 from lightning_linearity.metrics.ntk import DEFAULT_CHUNK_ELEMENTS, blocked_jacobian_gram
-from lightning_linearity.nets.layers import NTKLinear
 from lightning_linearity.nets.network import LayeredNTKNet
 
 __all__ = ["PREACTIVATION_MODULES", "hidden_layers", "neuron_gradient_cosines"]
 
 Reduction = Literal["mean", "none"]
+CosineMethod = Literal["auto", "structured", "engine", "generic"]
 
 #: Module types whose output is a pre-activation (an affine map of the module's input): on a foreign model,
 #: a neuron is one output entry of such a module (docs/math.md 2.7).
@@ -74,8 +83,9 @@ def hidden_layers(model: nn.Module, max_layers: int = 4) -> list[int | str]:
     The package's networks: every hidden layer 1..L. Any other model: the submodules of type
     :data:`PREACTIVATION_MODULES` that have trainable parameters, in registration order, without the last
     one (taken as the output layer); more than ``max_layers`` of them are thinned to ``max_layers`` evenly
-    spaced ones (the first and the last hidden kept), since each layer costs a per-neuron Jacobian on the
-    generic path. Returns ``[]`` when the model has no such hidden layer.
+    spaced ones (the first and the last hidden kept), since each layer costs a backward pass of the sampled
+    neurons (a per-neuron Jacobian on the generic path). Returns ``[]`` when the model has no such hidden
+    layer.
     """
     net = as_layered_net(model)
     if net is not None:
@@ -98,7 +108,7 @@ def neuron_gradient_cosines(
     *,
     num_neurons: int | None = None,
     generator: torch.Generator | None = None,
-    method: Method = "auto",
+    method: CosineMethod = "auto",
     reduction: Reduction = "mean",
     chunk_size: int | None = None,
 ) -> Tensor:
@@ -114,8 +124,10 @@ def neuron_gradient_cosines(
             ``torch.randperm(width, generator=generator)[:num_neurons]``, the same for every probe.
         generator: the source of the subset; ``None`` means a fixed seed (0), so the same neurons are
             followed across calls (and ranks) and torch's global random state is never touched.
-        method: ``"structured"`` (the package's networks; ``ValueError`` otherwise), ``"generic"`` or
-            ``"auto"``.
+        method: ``"structured"`` (the package's networks; ``ValueError`` otherwise), ``"engine"``
+            (per-module rules, any model made of standard layers; ``ValueError`` for a model it cannot
+            take), ``"generic"`` (``torch.func``, any module) or ``"auto"`` (structured for the package's
+            networks, else the engine, else generic).
         reduction: ``"mean"``: a scalar, the mean over probes; ``"none"``: the per-probe mean over pairs,
             shape (n,) (e.g. for probes split across DDP ranks, averaged afterwards).
         chunk_size: probe points processed at once; ``None`` bounds the largest intermediate by
@@ -126,11 +138,13 @@ def neuron_gradient_cosines(
 
     Raises:
         ValueError: bad arguments, unknown layer, fewer than two neurons compared, no trainable parameters,
-            inputs the model cannot take, a neuron whose gradient vanishes (its cosine is undefined), or
-            ``method="structured"`` on a model it cannot handle.
+            inputs the model cannot take, a neuron whose gradient vanishes (its cosine is undefined), a layer
+            that does not run exactly once per forward pass, or ``method="structured"``/``"engine"`` on a
+            model it cannot handle.
         FloatingPointError: NaN or inf in the model output or the gradients.
     """
-    check_method(method)
+    if method not in ("auto", "structured", "engine", "generic"):
+        raise ValueError(f"method must be 'auto', 'structured', 'engine' or 'generic', got {method!r}")
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     if num_neurons is not None and (
@@ -142,13 +156,22 @@ def neuron_gradient_cosines(
     check_chunk_size(chunk_size)
     check_probes(x)
     params = trainable_parameters(model)
-    net = structured_net(model, required=method == "structured") if method != "generic" else None
+    net = structured_net(model, required=method == "structured") if method in ("auto", "structured") else None
     if net is not None:
         index = net.resolve_hidden_layer(layer)
         neurons = _neuron_subset(net.hidden_widths[index - 1], num_neurons, generator, x.device)
         gram = _structured_gram(net, x, index, neurons, chunk_size)
     else:
-        gram = _generic_gram(model, params, x, layer, num_neurons, generator, chunk_size)
+        evaluate(model, x)  # clear errors for bad inputs and a non-finite output
+        pre_activation = layer_output_model(model, layer)
+        with torch.no_grad():
+            width = pre_activation(params, x[:1]).shape[1]
+        neurons = _neuron_subset(width, num_neurons, generator, x.device)
+        gram = None
+        if method in ("auto", "engine"):
+            gram = _engine_gram(model, x, layer, neurons, chunk_size, required=method == "engine")
+        if gram is None:
+            gram = _generic_gram(params, x, pre_activation, neurons, chunk_size)
     per_probe = _mean_abs_cosine(check_finite(gram, f"the neuron-gradient Gram matrix of layer {layer!r}"))
     return per_probe.mean() if reduction == "mean" else per_probe
 
@@ -195,36 +218,28 @@ def _structured_gram(
             for layer, c, jac in zip(net.layers[:index], trace.inputs[:index], jacobians, strict=True):
                 weight, bias = trainable_flags(layer)
                 if weight or bias:
-                    private = _private_gradient_energy(layer, c, weight, bias)  # g_k, (b, m_k)
+                    private = private_gradient_energy(layer, c, weight, bias)  # g_k, (b, m_k)
                     gram += (jac * private.unsqueeze(1)) @ jac.transpose(1, 2)
         grams.append(gram)
     return torch.cat(grams)
 
 
-def _private_gradient_energy(layer: NTKLinear, c: Tensor, weight: bool, bias: bool) -> Tensor:
-    """g_k[i, q] = (sum_t M[q,t] c[i,t]^2 + 1[bias]) / deg[q] = ||d z_k[q] / d(row q of W_k, b_k[q])||^2.
-
-    ``weight``/``bias`` say which of the two are trainable. ``c`` has shape (n, in); returns (n, out).
-    """
-    squares = c * c
-    if not weight:
-        energy = c.new_zeros(c.shape[0], layer.out_features)
-    elif layer.mask is None:
-        energy = squares.sum(dim=1, keepdim=True).expand(-1, layer.out_features)
-    else:
-        energy = squares @ layer.mask.to(c.dtype).T
-    if bias:
-        energy = energy + 1.0
-    return energy / layer.in_degree.to(c.dtype)
+def _engine_gram(
+    model: nn.Module, x: Tensor, layer: int | str, neurons: Tensor, chunk_size: int | None, required: bool
+) -> Tensor | None:
+    """<g_r, g_s> per probe by the engine's per-module rules: (n, s, s); ``None`` if the engine cannot take
+    the model and ``required`` is False."""
+    qualified, _ = resolve_layer(model, layer)
+    return unless_unsupported(
+        lambda: neuron_gram(model, x, qualified, neurons, chunk_size=chunk_size), required=required
+    )
 
 
 def _generic_gram(
-    model: nn.Module,
     params: Params,
     x: Tensor,
-    layer: int | str,
-    num_neurons: int | None,
-    generator: torch.Generator | None,
+    pre_activation: Callable[[Params, Tensor], Tensor],
+    neurons: Tensor,
     chunk_size: int | None,
 ) -> Tensor:
     """<g_r, g_s> per probe from ``vmap(jacrev)`` of the sampled pre-activations: (n, s, s).
@@ -232,11 +247,6 @@ def _generic_gram(
     The per-probe Jacobian of the s sampled neurons (s-by-P) is built in blocks of neurons that keep two
     blocks of a probe chunk within ``DEFAULT_CHUNK_ELEMENTS``, contracted block by block.
     """
-    evaluate(model, x)  # clear errors for bad inputs and a non-finite output
-    pre_activation = layer_output_model(model, layer)
-    with torch.no_grad():
-        width = pre_activation(params, x[:1]).shape[1]
-    neurons = _neuron_subset(width, num_neurons, generator, x.device)
     size = num_parameters(params)
     block = min(len(neurons), max(1, DEFAULT_CHUNK_ELEMENTS // (2 * size)))  # neurons per Jacobian block
     chunk = chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // (2 * block * size))  # probes at once

@@ -36,9 +36,15 @@ running statistics and is sample-wise. The per-module factorisation is that of d
 
 Work split (DDP): :func:`ntk_plan` (cheap, the same on every rank), :func:`ntk_rows` for a rank's share of
 the probe points, :func:`ntk_from_rows` from all gathered rows.
+
+Neuron-gradient Gram matrices (docs/math.md 2.5, for ``neuron_gradient_cosines`` on foreign models):
+:func:`neuron_gram` seeds the backward pass at a layer's output with the one-hot vectors of its sampled
+neurons instead of the outputs of f, and sums the rules' blocks of single probe points
+(:meth:`Rule.diagonal`); see :mod:`._neurons`.
 """
 
 from lightning_linearity.metrics.engine._base import DEFAULT_CHUNK_ELEMENTS
+from lightning_linearity.metrics.engine._neurons import neuron_gram
 from lightning_linearity.metrics.engine._plan import (
     NTKPlan,
     UnsupportedModel,
@@ -46,6 +52,7 @@ from lightning_linearity.metrics.engine._plan import (
     ntk_from_rows,
     ntk_plan,
     ntk_rows,
+    unless_unsupported,
 )
 
 __all__ = [
@@ -53,7 +60,9 @@ __all__ = [
     "NTKPlan",
     "UnsupportedModel",
     "engine_ntk",
+    "neuron_gram",
     "ntk_from_rows",
     "ntk_plan",
     "ntk_rows",
+    "unless_unsupported",
 ]

@@ -14,6 +14,10 @@ of factors recur:
   (:func:`gradient_kernel`);
 * inputs and output gradients of an affine map over positions t (sequence positions, conv patches):
   K_m = sum_g sum_{t,s} (C_g[i,t] . C_g[j,s] + [bias]) (D_g[i,a,t] . D_g[j,b,s]) (:func:`gram_kernel`).
+
+The "outputs" a..b need not be those of f: seeded at a layer's output instead, they are the layer's sampled
+neurons, and the blocks K_m[(i,a),(i,b)] of one probe point summed over the modules are the neuron-gradient
+Gram matrices of docs/math.md 2.5 (:meth:`Rule.diagonal`, :func:`gradient_diagonal`, :func:`gram_diagonal`).
 """
 
 from __future__ import annotations
@@ -55,7 +59,8 @@ class Call:
 class Rule:
     """The derivative rule of one module (one *site* of the engine).
 
-    Subclasses set :attr:`kind` and implement :meth:`choose_route`, :meth:`factors` and :meth:`kernel`.
+    Subclasses set :attr:`kind` and implement :meth:`choose_route`, :meth:`factors`, :meth:`kernel` and
+    :meth:`diagonal`.
     """
 
     kind = "rule"
@@ -67,9 +72,11 @@ class Rule:
         self.route = "gradient"
         self.costs: dict[str, float] = {}
 
-    def choose_route(self, calls: list[Call], n: int, k: int) -> None:
+    def choose_route(self, calls: list[Call], n: int, k: int, diagonal: bool = False) -> None:
         """Set :attr:`costs` (flop estimate of each route this rule offers, for ``n`` probe points and ``k``
-        outputs; ``calls`` are those of one probe point) and pick the cheapest as :attr:`route`."""
+        outputs; ``calls`` are those of one probe point) and pick the cheapest as :attr:`route`.
+        ``diagonal``: the costs of :meth:`diagonal` (the n blocks of one probe each) instead of
+        :meth:`kernel`."""
 
     def factors(self, calls: list[Call], k: int) -> list[Tensor]:
         """The factors of the probe points of ``calls``, each of shape (n, ...)."""
@@ -79,6 +86,11 @@ class Rule:
         self, parts1: list[Tensor], parts2: list[Tensor], symmetric: bool, chunk: int | None
     ) -> Tensor:
         """This module's block of K, shape (n1, k, n2, k)."""
+        raise NotImplementedError
+
+    def diagonal(self, parts: list[Tensor], chunk: int | None) -> Tensor:
+        """K_m[(i,a),(i,b)] for every probe point i: the Gram matrix of the gradients of the k outputs of
+        one probe with respect to this module's parameters, shape (n, k, k)."""
         raise NotImplementedError
 
     def describe(self) -> str:
@@ -108,6 +120,11 @@ def gradient_kernel(g1: Tensor, g2: Tensor, symmetric: bool = False) -> Tensor:
         for later in blocks[i + 1 :]:
             kernel[later, rows] = kernel[rows, later].T
     return kernel.view(n1, k, n2, k)
+
+
+def gradient_diagonal(g: Tensor) -> Tensor:
+    """G_i G_i^T for per-sample gradients of shape (n, k, P): shape (n, k, k)."""
+    return torch.bmm(g, g.transpose(1, 2))
 
 
 def gram_kernel(
@@ -149,6 +166,38 @@ def gram_kernel(
         if symmetric:  # K[j, b, i, a] = K[i, a, j, b] for the probes j past this chunk
             kernel[rows.stop :, :, rows] += block[:, :, b1:].permute(2, 3, 0, 1)
     return kernel
+
+
+def gram_diagonal(inputs_gram: Callable[[slice], Tensor], d: Tensor, chunk: int | None) -> Tensor:
+    """K[i,a,i,b] = sum_g sum_{t,s} Q_g[i,t,s] (D_g[i,a,t] . D_g[i,b,s]), shape (n, k, k).
+
+    The diagonal blocks of :func:`gram_kernel`: ``d`` is (n, k, G, T, m), ``inputs_gram(rows)`` gives the
+    input Gram matrix of each probe point of ``rows`` with itself, shape (b, G, T, T). Per chunk of probe
+    points Q is applied to the deltas first, E[i,b,g,t] = sum_s Q_g[i,t,s] D_g[i,b,s], then
+    K[i,a,i,b] = sum_{g,t} D_g[i,a,t] . E[i,b,g,t]: about G (T^2 d + k T^2 m + k^2 T m) flops per probe.
+    """
+    n, k, groups, positions, m = d.shape
+    if groups == 1 and positions == 1:
+        flat = d.reshape(n, k, m)
+        return inputs_gram(slice(0, n)).reshape(n, 1, 1) * torch.bmm(flat, flat.transpose(1, 2))
+    per_probe = groups * positions * (positions + k * m)
+    result = d.new_empty(n, k, k)
+    for rows in chunk_slices(n, chunk or max(1, DEFAULT_CHUNK_ELEMENTS // per_probe)):
+        q, block = inputs_gram(rows), d[rows]
+        weighted = torch.einsum("igts,ibgsm->ibgtm", q, block)
+        result[rows] = torch.einsum("iagtm,ibgtm->iab", block, weighted)
+    return result
+
+
+def self_product_gram(c: Tensor, weight: bool, bias: bool) -> Callable[[slice], Tensor]:
+    """Q_g[i,t,s] = [weight] C_g[i,t] . C_g[i,s] + [bias] for inputs of shape (n, G, T, d): (b, G, T, T)."""
+
+    def q(rows: slice) -> Tensor:
+        a = c[rows]
+        gram = a @ a.transpose(2, 3) if weight else a.new_zeros(*a.shape[:3], a.shape[2])
+        return gram + 1.0 if bias else gram
+
+    return q
 
 
 def product_gram(c1: Tensor, c2: Tensor, weight: bool, bias: bool) -> Callable[[slice, slice], Tensor]:

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_linearity.metrics.engine._base import Call, Rule, gradient_kernel, gram_kernel, product_gram
-from lightning_linearity.metrics.engine._linear import affine_costs, affine_gradients, cheapest
+from lightning_linearity.metrics.engine._base import Call
+from lightning_linearity.metrics.engine._linear import AffineRule, affine_costs, affine_gradients, cheapest
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -58,14 +58,10 @@ def conv_patches(conv: nn.Module, x: Tensor) -> Tensor:
     return x.permute(0, 1, 3, 2, 4).reshape(n, conv.groups, positions, -1)
 
 
-class ConvRule(Rule):
+class ConvRule(AffineRule):
     """``nn.Conv1d``, ``nn.Conv2d``, ``nn.Conv3d``."""
 
     kind = "conv"
-
-    def __init__(self, name: str, module: nn.Module, params: dict[str, nn.Parameter]):
-        super().__init__(name, module, params)
-        self.weight, self.bias = "weight" in params, "bias" in params
 
     def _deltas(self, call: Call) -> Tensor:
         """D of one call as (n, k, G, L, O_g)."""
@@ -74,12 +70,12 @@ class ConvRule(Rule):
         groups = self.module.groups
         return g.reshape(n, k, groups, self.module.out_channels // groups, -1).transpose(3, 4)
 
-    def choose_route(self, calls: list[Call], n: int, k: int) -> None:
+    def choose_route(self, calls: list[Call], n: int, k: int, diagonal: bool = False) -> None:
         conv = self.module
         positions = sum(math.prod(call.outputs[0].shape[2:]) for call in calls)
         d = conv.in_channels // conv.groups * math.prod(conv.kernel_size)
         m = conv.out_channels // conv.groups
-        self.costs = affine_costs(n, k, conv.groups, positions, d, m, self.weight, self.bias)
+        self.costs = affine_costs(n, k, conv.groups, positions, d, m, self.weight, self.bias, diagonal)
         self.route = cheapest(self.costs)
 
     def factors(self, calls: list[Call], k: int) -> list[Tensor]:
@@ -90,14 +86,6 @@ class ConvRule(Rule):
         if self.route == "gram":
             return [patches, deltas]
         return [affine_gradients(patches, deltas, self.weight, self.bias)]
-
-    def kernel(
-        self, parts1: list[Tensor], parts2: list[Tensor], symmetric: bool, chunk: int | None
-    ) -> Tensor:
-        if self.route == "gram":
-            (c1, d1), (c2, d2) = parts1, parts2
-            return gram_kernel(product_gram(c1, c2, self.weight, self.bias), d1, d2, symmetric, chunk)
-        return gradient_kernel(parts1[0], parts2[0], symmetric)
 
 
 def _cat(tensors: list[Tensor], dim: int) -> Tensor:

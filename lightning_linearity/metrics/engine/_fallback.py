@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.func import functional_call, vjp, vmap
 from torch.utils import _pytree as pytree
 
-from lightning_linearity.metrics.engine._base import Call, Rule, gradient_kernel
+from lightning_linearity.metrics.engine._base import Call, Rule, gradient_diagonal, gradient_kernel
 
 
 class FallbackRule(Rule):
@@ -28,9 +28,9 @@ class FallbackRule(Rule):
 
     kind = "torch.func"
 
-    def choose_route(self, calls: list[Call], n: int, k: int) -> None:
+    def choose_route(self, calls: list[Call], n: int, k: int, diagonal: bool = False) -> None:
         size = sum(p.numel() for p in self.params.values())
-        self.costs = {"gradient": float(n * n * k * k * size)}
+        self.costs = {"gradient": float((n if diagonal else n * n) * k * k * size)}
 
     def factors(self, calls: list[Call], k: int) -> list[Tensor]:
         total = None
@@ -80,3 +80,6 @@ class FallbackRule(Rule):
         self, parts1: list[Tensor], parts2: list[Tensor], symmetric: bool, chunk: int | None
     ) -> Tensor:
         return gradient_kernel(parts1[0], parts2[0], symmetric)
+
+    def diagonal(self, parts: list[Tensor], chunk: int | None) -> Tensor:
+        return gradient_diagonal(parts[0])

@@ -9,7 +9,9 @@ D[i,a,t] = d f_a(x_i) / d y[i,t]
 
 Two routes give it: *gram* (the last line; with one position it is (C C^T + 1) ⊙ (D D^T)) at about
 n^2 T^2 (d + k^2 m) flops, and *gradient* (form the per-sample gradients, then G G^T) at about
-n k T m d + n^2 k^2 m d. The cheaper one by this count is taken.
+n k T m d + n^2 k^2 m d. The cheaper one by this count is taken. For the blocks of single probe points
+only (i = j, the neuron-gradient Gram of docs/math.md 2.5) the counts are n T^2 (d + k m) + n k^2 T m and
+n k T m d + n k^2 m d.
 
 ``nn.Embedding`` is a linear map of one-hot inputs: C[i,t] . C[j,s] = [idx[i,t] == idx[j,s]], gram route
 only. Positions holding ``padding_idx`` get no gradient.
@@ -23,19 +25,35 @@ from torch import Tensor, nn
 from lightning_linearity.metrics.engine._base import (
     Call,
     Rule,
+    gradient_diagonal,
     gradient_kernel,
+    gram_diagonal,
     gram_kernel,
     product_gram,
+    self_product_gram,
 )
 
 
 def affine_costs(
-    n: int, k: int, groups: int, positions: int, d: int, m: int, weight: bool, bias: bool
+    n: int,
+    k: int,
+    groups: int,
+    positions: int,
+    d: int,
+    m: int,
+    weight: bool,
+    bias: bool,
+    diagonal: bool = False,
 ) -> dict[str, float]:
-    """Flop estimates of the two routes for an affine map of ``groups`` blocks of (m, d) over positions."""
+    """Flop estimates of the two routes for an affine map of ``groups`` blocks of (m, d) over positions;
+    ``diagonal``: of the n blocks of one probe point each (:func:`gram_diagonal`) instead of all n^2."""
     t2 = positions * positions
-    gram = n * n * groups * (t2 * d * weight + k * k * t2 * m + k * k * t2)
-    gradient = n * k * groups * positions * m * d * weight + n * n * k * k * groups * m * (d * weight + bias)
+    pairs = n if diagonal else n * n
+    if diagonal:
+        gram = n * groups * (t2 * d * weight + k * t2 * m + k * k * positions * m)
+    else:
+        gram = pairs * groups * (t2 * d * weight + k * k * t2 * m + k * k * t2)
+    gradient = n * k * groups * positions * m * d * weight + pairs * k * k * groups * m * (d * weight + bias)
     if not weight:  # only the bias: its per-sample gradients sum_t D are as small as D itself
         return {"gradient": float(gradient)}
     return {"gram": float(gram), "gradient": float(gradient)}
@@ -45,14 +63,34 @@ def cheapest(costs: dict[str, float]) -> str:
     return min(costs, key=costs.__getitem__)
 
 
-class LinearRule(Rule):
-    """``nn.Linear`` with or without bias, on inputs (n, d) or (n, ..., d)."""
-
-    kind = "linear"
+class AffineRule(Rule):
+    """An affine map of grouped inputs over positions (``nn.Linear``, convolutions): its factors are
+    either [C (n, G, T, d), D (n, k, G, T, m)] (route *gram*) or the per-sample gradients (route
+    *gradient*)."""
 
     def __init__(self, name: str, module: nn.Module, params: dict[str, nn.Parameter]):
         super().__init__(name, module, params)
         self.weight, self.bias = "weight" in params, "bias" in params
+
+    def kernel(
+        self, parts1: list[Tensor], parts2: list[Tensor], symmetric: bool, chunk: int | None
+    ) -> Tensor:
+        if self.route == "gram":
+            (c1, d1), (c2, d2) = parts1, parts2
+            return gram_kernel(product_gram(c1, c2, self.weight, self.bias), d1, d2, symmetric, chunk)
+        return gradient_kernel(parts1[0], parts2[0], symmetric)
+
+    def diagonal(self, parts: list[Tensor], chunk: int | None) -> Tensor:
+        if self.route == "gram":
+            c, d = parts
+            return gram_diagonal(self_product_gram(c, self.weight, self.bias), d, chunk)
+        return gradient_diagonal(parts[0])
+
+
+class LinearRule(AffineRule):
+    """``nn.Linear`` with or without bias, on inputs (n, d) or (n, ..., d)."""
+
+    kind = "linear"
 
     def _inputs_and_deltas(self, calls: list[Call]) -> tuple[Tensor, Tensor]:
         """C (n, 1, T, d) and D (n, k, 1, T, m) over all positions of all calls."""
@@ -64,10 +102,10 @@ class LinearRule(Rule):
             deltas.append(g.reshape(n, k, -1, g.shape[-1]))
         return torch.cat(inputs, 1).unsqueeze(1), torch.cat(deltas, 2).unsqueeze(2)
 
-    def choose_route(self, calls: list[Call], n: int, k: int) -> None:
+    def choose_route(self, calls: list[Call], n: int, k: int, diagonal: bool = False) -> None:
         positions = sum(call.input()[0].numel() // self.module.in_features for call in calls)
         m, d = self.module.out_features, self.module.in_features
-        self.costs = affine_costs(n, k, 1, positions, d, m, self.weight, self.bias)
+        self.costs = affine_costs(n, k, 1, positions, d, m, self.weight, self.bias, diagonal)
         self.route = "gram" if positions == 1 and self.weight else cheapest(self.costs)
 
     def factors(self, calls: list[Call], k: int) -> list[Tensor]:
@@ -75,15 +113,6 @@ class LinearRule(Rule):
         if self.route == "gram":
             return [c, d]
         return [affine_gradients(c, d, self.weight, self.bias)]
-
-    def kernel(
-        self, parts1: list[Tensor], parts2: list[Tensor], symmetric: bool, chunk: int | None
-    ) -> Tensor:
-        if self.route == "gram":
-            c1, d1 = parts1
-            c2, d2 = parts2
-            return gram_kernel(product_gram(c1, c2, self.weight, self.bias), d1, d2, symmetric, chunk)
-        return gradient_kernel(parts1[0], parts2[0], symmetric)
 
 
 def affine_gradients(c: Tensor, d: Tensor, weight: bool, bias: bool) -> Tensor:
@@ -109,10 +138,11 @@ class EmbeddingRule(Rule):
         super().__init__(name, module, params)
         self.route = "gram"
 
-    def choose_route(self, calls: list[Call], n: int, k: int) -> None:
+    def choose_route(self, calls: list[Call], n: int, k: int, diagonal: bool = False) -> None:
         positions = sum(call.input()[0].numel() for call in calls)
         m = self.module.embedding_dim
-        self.costs = {"gram": float(n * n * k * k * positions * positions * (m + 1))}
+        pairs = n if diagonal else n * n
+        self.costs = {"gram": float(pairs * k * k * positions * positions * (m + 1))}
 
     def factors(self, calls: list[Call], k: int) -> list[Tensor]:
         indices, deltas = [], []
@@ -137,6 +167,14 @@ class EmbeddingRule(Rule):
             return equal.to(d1.dtype).unsqueeze(0)
 
         return gram_kernel(same_index, d1, d2, symmetric, chunk)
+
+    def diagonal(self, parts: list[Tensor], chunk: int | None) -> Tensor:
+        idx, d = parts
+
+        def same_index(rows: slice) -> Tensor:
+            return (idx[rows][:, :, None] == idx[rows][:, None, :]).to(d.dtype).unsqueeze(1)
+
+        return gram_diagonal(same_index, d, chunk)
 
 
 def exact_index_limit(dtype: torch.dtype) -> int:

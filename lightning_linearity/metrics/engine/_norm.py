@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_linearity.metrics.engine._base import Call, Rule, gradient_kernel
+from lightning_linearity.metrics.engine._base import Call, Rule, gradient_diagonal, gradient_kernel
 
 NORM_TYPES = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -54,9 +54,10 @@ class NormAffineRule(Rule):
             return t.reshape(n, k, -1, size).sum(dim=2)
         return t.reshape(n, k, t.shape[2], -1).sum(dim=3)  # the channel dimension follows (n, k)
 
-    def choose_route(self, calls: list[Call], n: int, k: int) -> None:
+    def choose_route(self, calls: list[Call], n: int, k: int, diagonal: bool = False) -> None:
         self.route = "gradient"
-        self.costs = {"gradient": float(n * n * k * k * sum(p.numel() for p in self.params.values()))}
+        pairs = n if diagonal else n * n
+        self.costs = {"gradient": float(pairs * k * k * sum(p.numel() for p in self.params.values()))}
 
     def factors(self, calls: list[Call], k: int) -> list[Tensor]:
         total = None
@@ -77,3 +78,6 @@ class NormAffineRule(Rule):
         self, parts1: list[Tensor], parts2: list[Tensor], symmetric: bool, chunk: int | None
     ) -> Tensor:
         return gradient_kernel(parts1[0], parts2[0], symmetric)
+
+    def diagonal(self, parts: list[Tensor], chunk: int | None) -> Tensor:
+        return gradient_diagonal(parts[0])

@@ -9,6 +9,11 @@ Without a mask the bracket is C C^T (+ 1) for every neuron: (C C^T + 1) ⊙ (D d
 it is a per-neuron Gram matrix, one GEMM (c_i ⊙ c_j) @ M^T over chunks of probe pairs (or per neuron for
 a layer with few neurons). The structured path of :mod:`lightning_linearity.metrics.ntk` and the engine's
 rule share these contractions.
+
+For the blocks of one probe point (i = j) the bracket is the private gradient energy
+gamma[i,r] = (sum_s M[r,s] c[i,s]^2 [+ 1]) / deg[r] = ||d z[r] / d(row r of W, b[r])||^2, and
+K[i,a,i,b] = sum_r D[i,a,r] D[i,b,r] gamma[i,r] (:func:`private_gradient_energy`, shared with the
+structured neuron-gradient Gram of :mod:`lightning_linearity.metrics.cosines`, docs/math.md section 3).
 """
 
 from __future__ import annotations
@@ -97,6 +102,23 @@ def add_masked_layer_kernel(
             kernel[rows.stop :, :, rows] += block[:, :, rows.stop - rows.start :].permute(2, 3, 0, 1)
 
 
+def private_gradient_energy(layer: NTKLinear, c: Tensor, weight: bool, bias: bool) -> Tensor:
+    """gamma[i, q] = (sum_t M[q,t] c[i,t]^2 + 1[bias]) / deg[q] = ||d z[q] / d(row q of W, b[q])||^2.
+
+    ``weight``/``bias`` say which of the two are trainable. ``c`` has shape (n, in); returns (n, out).
+    """
+    squares = c * c
+    if not weight:
+        energy = c.new_zeros(c.shape[0], layer.out_features)
+    elif layer.mask is None:
+        energy = squares.sum(dim=1, keepdim=True).expand(-1, layer.out_features)
+    else:
+        energy = squares @ layer.mask.to(c.dtype).T
+    if bias:
+        energy = energy + 1.0
+    return energy / layer.in_degree.to(c.dtype)
+
+
 def _contract_deltas(masked_gram: Tensor, d1: Tensor, d2: Tensor) -> Tensor:
     """sum_r d1[i,a,r] d2[j,b,r] Q[i,j,r] for Q of shape (b1, b2, r): shape (b1, k, b2, k)."""
     b1, b2, m = masked_gram.shape
@@ -114,11 +136,12 @@ class NTKLinearRule(Rule):
         super().__init__(name, module, params)
         self.route = "gram"
 
-    def choose_route(self, calls: list[Call], n: int, k: int) -> None:
+    def choose_route(self, calls: list[Call], n: int, k: int, diagonal: bool = False) -> None:
         layer = self.module
         nnz = layer.in_features * layer.out_features if layer.mask is None else int(layer.mask.sum())
-        dense = n * n * (layer.in_features + k * k * layer.out_features)
-        self.costs = {"gram": float(dense if layer.mask is None else dense + n * n * nnz)}
+        pairs = n if diagonal else n * n
+        dense = pairs * (layer.in_features + k * k * layer.out_features)
+        self.costs = {"gram": float(dense if layer.mask is None else dense + pairs * nnz)}
 
     def factors(self, calls: list[Call], k: int) -> list[Tensor]:
         (call,) = calls
@@ -131,3 +154,8 @@ class NTKLinearRule(Rule):
         kernel = d1.new_zeros(d1.shape[0], d1.shape[1], d2.shape[0], d2.shape[1])
         add_ntk_linear_kernel(kernel, self.module, c1, c2, d1, d2, chunk, symmetric)
         return kernel
+
+    def diagonal(self, parts: list[Tensor], chunk: int | None) -> Tensor:
+        c, d = parts
+        energy = private_gradient_energy(self.module, c, *trainable_flags(self.module))  # (n, out)
+        return torch.bmm(d * energy.unsqueeze(1), d.transpose(1, 2))

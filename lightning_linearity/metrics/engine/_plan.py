@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -20,9 +22,24 @@ from lightning_linearity.metrics.engine._ntk_linear import NTKLinearRule
 from lightning_linearity.metrics.engine._trace import record
 from lightning_linearity.nets.layers import NTKLinear
 
+T = TypeVar("T")
+
 
 class UnsupportedModel(ValueError):
     """The engine cannot take this model (the message says why); the generic path can."""
+
+
+def unless_unsupported(compute: Callable[[], T], *, required: bool) -> T | None:
+    """``compute()``, or ``None`` if the engine refuses the model and ``required`` is False (the caller then
+    takes the generic path); with ``required`` (``method="engine"``) the refusal is a one-line ValueError."""
+    try:
+        return compute()
+    except UnsupportedModel as err:
+        if required:
+            raise ValueError(
+                f"method='engine' cannot handle this model: {err}. Use method='generic'."
+            ) from err
+        return None
 
 
 @dataclass
@@ -45,9 +62,8 @@ class NTKPlan:
 
     @property
     def batched_backward(self) -> bool:
-        """One backward pass batched over the outputs, except for models with convolutions (on CPU k plain
-        passes are faster there: 0.54 s vs 0.59 s for the benchmark CNN, while batching saves 17% on MLPs)."""
-        return not any(isinstance(site, ConvRule) for site in self.sites)
+        """See :func:`batched_backward`."""
+        return batched_backward(self.sites)
 
     @property
     def row_size(self) -> int:
@@ -57,6 +73,12 @@ class NTKPlan:
     def describe(self) -> str:
         """One line per site: module, rule, route chosen and the estimated flops of the routes."""
         return "\n".join(site.describe() for site in self.sites)
+
+
+def batched_backward(sites: list[Rule]) -> bool:
+    """One backward pass batched over the outputs, except for models with convolutions (on CPU k plain
+    passes are faster there: 0.54 s vs 0.59 s for the benchmark CNN, while batching saves 17% on MLPs)."""
+    return not any(isinstance(site, ConvRule) for site in sites)
 
 
 def _standard_forward(module: nn.Module, bases: tuple[type, ...]) -> bool:
@@ -267,18 +289,28 @@ def _self_check(plan: NTKPlan, x: Tensor, parts: list[list[Tensor]]) -> None:
         kernel = _kernel_from_parts(plan, parts, parts, True, None)
     n = kernel.shape[0]
     kernel = kernel.reshape(n * plan.k, n * plan.k)
-    generator = torch.Generator(device=x.device).manual_seed(0)
-    u = torch.randn(n * plan.k, generator=generator, device=x.device, dtype=kernel.dtype)
-    params = [p for p in plan.model.parameters() if p.requires_grad]
+    u = random_direction(n * plan.k, kernel)
     with torch.enable_grad(), torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
         value = plan.model(x).reshape(-1) @ u
-        grads = torch.autograd.grad(value, params, allow_unused=True)
-    expected = sum(g.pow(2).sum() for g in grads if g is not None)
-    found = u @ kernel @ u
-    tol = 10 * torch.finfo(kernel.dtype).eps ** 0.5
+    check_against_autograd(plan.model, u @ kernel @ u, value, "kernel")
+
+
+def random_direction(size: int, like: Tensor) -> Tensor:
+    """A fixed random vector (seed 0; torch's global generator untouched), dtype and device of ``like``."""
+    generator = torch.Generator(device=like.device).manual_seed(0)
+    return torch.randn(size, generator=generator, device=like.device, dtype=like.dtype)
+
+
+def check_against_autograd(model: nn.Module, found: Tensor, value: Tensor, what: str) -> None:
+    """Raise ``UnsupportedModel`` unless ``found`` is ||d value / dw||^2 (w: the trainable parameters of
+    ``model``; ``value`` a scalar with autograd history) up to 10 sqrt(eps) relative."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(value, params, allow_unused=True) if value.requires_grad else ()
+    expected = sum((g.pow(2).sum() for g in grads if g is not None), found.new_zeros(()))
+    tol = 10 * torch.finfo(found.dtype).eps ** 0.5
     if (found - expected).abs().item() > tol * max(expected.abs().item(), 1e-30):
         raise UnsupportedModel(
-            f"the engine's kernel of {type(plan.model).__name__} disagrees with autograd "
+            f"the engine's {what} of {type(model).__name__} disagrees with autograd "
             f"({found.item():.6g} vs {expected.item():.6g}): a parameter is probably used outside the "
             f"forward of its own module"
         )

@@ -13,11 +13,11 @@ import yaml
 
 import lightning_linearity.sweep as sweep_module
 import lightning_linearity.sweeps.run as run_module
-from lightning_linearity.metrics import empirical_ntk
+from lightning_linearity.metrics import analytic_ntk, empirical_ntk
 from lightning_linearity.sweep import main, run_sweep
 from lightning_linearity.sweeps.collect import collect, monitor_metrics, parse_metric_spec
 from lightning_linearity.sweeps.config import SweepConfig, SweepError, load_config_file
-from lightning_linearity.sweeps.run import build_model, execute_run
+from lightning_linearity.sweeps.run import build_data, build_model, execute_run
 from lightning_linearity.sweeps.store import RunStore
 
 #: A sweep that trains in well under a second per run.
@@ -173,6 +173,22 @@ def test_frozen_first_layer_stays_at_its_initial_values(tmp_path, monkeypatch):
     trained, initial = built[0].layered_net.layers, build_model(config, 16, 0, 64).layered_net.layers
     torch.testing.assert_close(trained[0].weight, initial[0].weight, rtol=0, atol=0)
     assert not torch.equal(trained[1].weight, initial[1].weight)
+
+
+def test_kernel_regime_is_the_distance_of_k0_from_the_analytic_kernel(tmp_path):
+    config = tiny(
+        tmp_path, mode="init", metrics=["kernel_regime"], model_args={"depth": 2, "out_features": 2}
+    )
+    spec = config.runs()[1]
+    record, _ = execute_run(spec)
+    data = build_data(config)
+    model = build_model(config, spec.width, spec.seed, data.in_features)
+    x = data.train_split.x
+    limit = torch.kron(analytic_ntk(model, x), torch.eye(2))
+    distance = torch.linalg.matrix_norm(empirical_ntk(model, x) - limit, ord=2) / torch.linalg.matrix_norm(
+        limit, ord=2
+    )
+    assert record["kernel_regime:init"] == pytest.approx(float(distance), rel=1e-4)
 
 
 def test_log_corrected_fits_are_reported_and_claimed(tmp_path):

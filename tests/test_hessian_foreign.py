@@ -88,6 +88,18 @@ def test_flatten_composed_activations_and_a_custom_forward():
     torch.testing.assert_close(structured(model, x), dense_hessian_norms(model, x), rtol=1e-8, atol=1e-12)
 
 
+def test_eval_mode_dropout_and_in_place_activations():
+    torch.manual_seed(4)
+    model = nn.Sequential(
+        nn.Linear(3, 6), nn.ReLU(inplace=True), nn.Dropout(0.3), nn.Linear(6, 5), nn.ELU(inplace=True),
+        nn.Linear(5, 2),
+    ).double()  # fmt: skip
+    x = probes(3, 3)
+    model.eval()
+    torch.testing.assert_close(structured(model, x), dense_hessian_norms(model, x), rtol=1e-8, atol=1e-12)
+    assert linear_chain(model.train(), x) == "2 (Dropout) is in the chain"  # random in training mode
+
+
 @pytest.mark.parametrize("activation", ["relu", "leaky_relu", "elu", "softplus"])
 def test_kinks_follow_autograd(activation):
     # the first probe (x = 0) puts z_1 = b_1; some neurons of both hidden layers sit exactly on the kink

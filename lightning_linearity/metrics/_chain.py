@@ -14,11 +14,11 @@ subspace products of :mod:`~lightning_linearity.metrics._structured_hessian`, fe
 
 Elementwise modules recognised, with sigma' and sigma'' in closed form: ``ReLU``, ``LeakyReLU``, ``ELU``,
 ``Tanh``, ``Sigmoid``, ``Softplus`` (its ``beta`` and ``threshold``), ``GELU`` (exact and ``"tanh"``),
-``SiLU``, ``Identity``. At their kinks they follow autograd (so the fast path equals the generic one and the
-dense Hessian there too): ReLU has sigma'(0) = 0, LeakyReLU sigma'(0) = negative_slope, ELU
-sigma'(0) = alpha but sigma''(0) = 0, Softplus is linear where beta z > threshold (sigma''= 0 from
-beta z = threshold on). ReLU and LeakyReLU have sigma'' = 0, so their Hessian is the pure cross term
-(the products of docs/math.md 2.4 with the sigma'' term absent).
+``SiLU``, ``Identity``, and ``Dropout`` in eval mode (the identity there). At their kinks they follow
+autograd, so the fast path equals the generic one and the dense Hessian there too: ReLU has sigma'(0) = 0,
+LeakyReLU sigma'(0) = negative_slope, ELU sigma'(0) = alpha but sigma''(0) = 0, Softplus is linear where
+beta z > threshold (sigma'' = 0 from beta z = threshold on). ReLU and LeakyReLU have sigma'' = 0, so their
+Hessian is the pure cross term (the products of docs/math.md 2.4 without the sigma'' term).
 
 :func:`linear_chain` finds the chain from the modules called in one forward pass on the first probe point
 and accepts it only if it reproduces the model: the outputs on the first two probe points, and one
@@ -134,8 +134,18 @@ ELEMENTWISE: dict[type[nn.Module], Callable[[nn.Module], Activation]] = {
 }
 
 
+def _elementwise(module: nn.Module) -> Activation | None:
+    """sigma of a recognised elementwise module (``nn.Dropout`` in eval mode or with p = 0: the identity)."""
+    if type(module) is nn.Dropout and (not module.training or module.p == 0):
+        return ACTIVATIONS["identity"]
+    factory = ELEMENTWISE.get(type(module))
+    return None if factory is None else factory(module)
+
+
 def compose(outer: Activation, inner: Activation) -> Activation:
-    """outer∘inner: (o∘i)' = o'(i) i',  (o∘i)'' = o''(i) i'^2 + o'(i) i''."""
+    """outer∘inner: (o∘i)' = o'(i) i',  (o∘i)'' = o''(i) i'^2 + o'(i) i'' (the identity drops out)."""
+    if inner.name == "identity" or outer.name == "identity":
+        return outer if inner.name == "identity" else inner
 
     def slope(z: Tensor) -> Tensor:
         return outer.derivative(inner.fn(z)) * inner.derivative(z)
@@ -227,6 +237,7 @@ def linear_chain(model: nn.Module, x: Tensor) -> LinearChain | str:
     activations: list[Activation] = []
     pending: Activation | None = None
     for module in called:
+        sigma = _elementwise(module)
         if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
             if parametrize.is_parametrized(module):
                 return f"{names[id(module)]} (nn.Linear) is parametrized"
@@ -236,11 +247,10 @@ def linear_chain(model: nn.Module, x: Tensor) -> LinearChain | str:
                 activations.append(ACTIVATIONS["identity"] if pending is None else pending)
             linears.append(module)
             pending = None
-        elif type(module) in ELEMENTWISE and linears:
-            sigma = ELEMENTWISE[type(module)](module)
+        elif sigma is not None and linears:
             pending = sigma if pending is None else compose(sigma, pending)
         else:
-            where = "before the first nn.Linear" if type(module) in ELEMENTWISE else "in the chain"
+            where = "in the chain" if sigma is None else "before the first nn.Linear"
             return f"{names.get(id(module), '?')} ({type(module).__name__}) is {where}"
     if not linears:
         return "it calls no nn.Linear"

@@ -8,10 +8,14 @@ predicted to be O~(1/sqrt(m)) in the width m. The Hessian is never formed: Lancz
 :func:`~lightning_linearity.metrics._linalg.lanczos`) runs on Hessian-vector products, batched over all
 (probe, output) pairs of a chunk of probes, on one of two paths:
 
-* ``"structured"`` (the package's :class:`LayeredNTKNet`): every H v lies in a subspace of about 2 L m
-  dimensions spanned by masked rank-one matrices per layer, and Lanczos runs in its coordinates with
-  closed-form products (:mod:`~lightning_linearity.metrics._structured_hessian`): no vector of P entries
-  is formed, and a step costs about two products with each weight matrix.
+* ``"structured"`` (the package's :class:`LayeredNTKNet`, and any model whose forward pass is a chain of
+  ``nn.Linear`` layers and elementwise activations, :mod:`~lightning_linearity.metrics._chain`): every H v
+  lies in a subspace of about 2 L m dimensions spanned by masked rank-one matrices per layer, and Lanczos
+  runs in its coordinates with closed-form products
+  (:mod:`~lightning_linearity.metrics._structured_hessian`): no vector of P entries is formed, and a step
+  costs about two products with each weight matrix. A chain has per-layer scaling 1 and its own
+  activations' sigma', sigma'' (a ReLU chain: sigma'' = 0, the pure cross term); it is recognised from the
+  modules one forward pass calls and checked against autograd on the first probe point.
 * ``"generic"`` (any ``nn.Module``): forward-over-reverse products H v = d/de grad_w f_a(w + e v; x_i)
   with ``torch.func``, vmap-ed, on vectors of P entries.
 
@@ -158,8 +162,13 @@ def hessian_spectral_norm(
             ``chunk_size * q * (Krylov size) * D`` numbers, D = P parameters on the generic path and
             2 R coordinates (R about 2 L m) on the structured one; ``None`` picks the largest chunk whose
             Krylov bases fit :data:`DEFAULT_KRYLOV_ELEMENTS` (at least one probe).
-        method: ``"structured"`` (the package's networks with every weight trainable; ``ValueError``
-            otherwise), ``"generic"`` (any module) or ``"auto"`` (structured when possible).
+        method: ``"structured"`` (the package's networks, or a chain of ``nn.Linear`` layers and elementwise
+            activations such as ``nn.Sequential(nn.Linear, nn.ReLU, ..., nn.Linear)``, every weight and bias
+            of the layers differentiated trainable; a one-line ``ValueError`` saying why not otherwise),
+            ``"generic"`` (any module; the independent reference) or ``"auto"`` (structured when possible,
+            else generic). On a chain, ``layer`` naming one of its ``nn.Linear`` modules, ``columns``,
+            ``chunk_size``, ``return_info`` and ``eigenvector_shares`` take the structured path too; a
+            ``layer`` naming any other module (e.g. an activation) takes the generic one.
         columns: compute only these of the q columns (output indices, or positions in the neuron sample),
             in this order. Each column keeps the Lanczos start vector it has in the full computation, so
             its value does not depend on the other columns: a DDP rank computes its share of the

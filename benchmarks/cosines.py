@@ -16,13 +16,15 @@ dim 64, 20 probes as in 000 Figure 3):
 The last column is the largest difference between the three values.
 
 Part ``foreign``: the last hidden layer of a foreign MLP, ``nn.Sequential`` 64 -> 1024 -> 1024 -> 1024 -> 10
-with ReLU (PyTorch's default parameterisation, biases), 20 probes:
+with ReLU (PyTorch's default parameterisation, biases), and the third convolution of a small CNN (3x16x16
+inputs, 3x3 convolutions with 32, 64 (stride 2) and 64 channels; a neuron is one channel at one position),
+20 probes:
 
 * ``engine``: ``neuron_gradient_cosines(method="engine")`` (what ``"auto"`` takes for it), one forward and
   one backward pass seeded at the layer with the sampled neurons, per-module Gram blocks;
 * ``generic``: ``method="generic"`` on the same model, the same neurons (the reference path);
-* ``structured``: the NTK twin ``LayeredNTKNet.fcn(64, [1024] * 3, 10, activation="relu")``, structured path
-  (a different network, so a different value: only its time is compared).
+* ``structured``: for the MLP, the NTK twin ``LayeredNTKNet.fcn(64, [1024] * 3, 10, activation="relu")``,
+  structured path (a different network, so a different value: only its time is compared).
 
 The engine and the structured twin are timed alternately (best of 3 each), the generic path once.
 """
@@ -116,7 +118,8 @@ def fcn_table() -> None:
         )
 
 
-def foreign_table() -> None:
+def foreign_models() -> dict[str, tuple[nn.Module, str, torch.Tensor, nn.Module | None]]:
+    """name -> (model, layer, probes, NTK twin or None)."""
     width = FOREIGN_WIDTH
     torch.manual_seed(0)
     mlp = nn.Sequential(
@@ -124,35 +127,63 @@ def foreign_table() -> None:
         nn.Linear(width, width), nn.ReLU(), nn.Linear(width, FOREIGN_OUT),
     )  # fmt: skip
     twin = LayeredNTKNet.fcn(IN_FEATURES, [width] * DEPTH, FOREIGN_OUT, activation="relu", seed=0)
-    x = torch.randn(PROBES, IN_FEATURES, generator=torch.Generator().manual_seed(0))
+    cnn = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64 * 8 * 8, FOREIGN_OUT),
+    )  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    return {
+        f"MLP {IN_FEATURES}-{width}-{width}-{width}-{FOREIGN_OUT}": (
+            mlp,
+            "4",
+            torch.randn(PROBES, IN_FEATURES, generator=generator),
+            twin,
+        ),
+        "CNN 3x16x16, conv 32-64(s2)-64": (
+            cnn,
+            "4",
+            torch.randn(PROBES, 3, 16, 16, generator=generator),
+            None,
+        ),
+    }
+
+
+def foreign_table() -> None:
     print(
         f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, float32, "
-        f"nn.Sequential {IN_FEATURES}-{width}-{width}-{width}-{FOREIGN_OUT} ReLU, layer '4' (hidden layer "
-        f"{DEPTH}), n = {PROBES}; load average {os.getloadavg()[0]:.1f}\n"
+        f"ReLU, layer '4' (hidden layer 3), n = {PROBES}; load average {os.getloadavg()[0]:.1f}\n"
     )
-    print("| neurons compared | engine s | NTK twin structured s | generic s | engine / structured "
+    print("| model | neurons compared | engine s | NTK twin structured s | generic s | engine / structured "
           "| generic / engine | mean abs cos (engine) | engine - generic |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
-    for num_neurons in (32, 128):
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, (model, layer, x, twin) in foreign_models().items():
+        for num_neurons in (32, 128):
+            print(foreign_row(name, model, layer, x, twin, num_neurons), flush=True)
 
-        def metric(model, layer, method, num_neurons=num_neurons):
-            generator = torch.Generator().manual_seed(1)
-            return neuron_gradient_cosines(model, x, layer, num_neurons=num_neurons, generator=generator,
-                                           method=method)  # fmt: skip
 
-        metric(mlp, "4", "engine")  # warm-up
-        metric(twin, DEPTH, "structured")
-        engine, structured, value = float("inf"), float("inf"), None
-        for _ in range(3):  # alternate, best of 3 each
-            seconds, value = timed(lambda: metric(mlp, "4", "engine"), 1)
-            engine = min(engine, seconds)
+def foreign_row(
+    name: str, model: nn.Module, layer: str, x: torch.Tensor, twin: nn.Module | None, num_neurons: int
+) -> str:
+    def metric(model: nn.Module, layer: int | str, method: str) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(1)
+        return neuron_gradient_cosines(model, x, layer, num_neurons=num_neurons, generator=generator,
+                                       method=method)  # fmt: skip
+
+    metric(model, layer, "engine")  # warm-up
+    engine, structured, value = float("inf"), float("inf"), 0.0
+    for _ in range(3):  # alternate, best of 3 each
+        seconds, value = timed(lambda: metric(model, layer, "engine"), 1)
+        engine = min(engine, seconds)
+        if twin is not None:
             structured = min(structured, timed(lambda: metric(twin, DEPTH, "structured"), 1)[0])
-        generic, generic_value = timed(lambda: metric(mlp, "4", "generic"), 1)
-        print(
-            f"| {num_neurons} | {engine:.3f} | {structured:.3f} | {generic:.2f} | {engine / structured:.2f}x "
-            f"| {generic / engine:.0f}x | {value:.4f} | {abs(value - generic_value):.0e} |",
-            flush=True,
-        )
+    generic, generic_value = timed(lambda: metric(model, layer, "generic"), 1)
+    twin_time, ratio = (
+        (f"{structured:.3f}", f"{engine / structured:.2f}x") if twin is not None else ("-", "-")
+    )
+    return (
+        f"| {name} | {num_neurons} | {engine:.3f} | {twin_time} | {generic:.2f} | {ratio} "
+        f"| {generic / engine:.0f}x | {value:.4f} | {abs(value - generic_value):.0e} |"
+    )
 
 
 if __name__ == "__main__":

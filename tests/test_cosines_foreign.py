@@ -183,6 +183,18 @@ def test_first_convolution_is_not_orthogonal():
     assert neuron_gradient_cosines(model, x, "0", method="engine") > 0
 
 
+@pytest.mark.parametrize("family", ["mlp", "conv"])
+def test_layer_with_frozen_weight(family):
+    """Only the bias of the layer is trainable: its own block is [same output unit] * 1."""
+    torch.manual_seed(9)
+    if family == "mlp":
+        model, x = mlp(True, 2), probes(3, 5)
+    else:
+        model, x = CONVS["conv1d_stride_padding"]().double(), probes(3, 2, 9)
+    model[2].weight.requires_grad_(False)
+    check_layer(model, x, "2")
+
+
 # ------------------------------------------------------------------------------------------ mixed models
 class Scale(nn.Module):
     """A layer the engine has no rule for (its own per-sample gradients by torch.func)."""

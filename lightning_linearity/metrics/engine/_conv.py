@@ -70,6 +70,15 @@ class ConvRule(AffineRule):
         groups = self.module.groups
         return g.reshape(n, k, groups, self.module.out_channels // groups, -1).transpose(3, 4)
 
+    def _seeded_inputs(self, call: Call, neurons: Tensor) -> tuple[Tensor, Tensor]:
+        conv = self.module
+        patches = conv_patches(conv, call.input())  # (n, G, L, d); neuron o * L + l
+        positions = patches.shape[2]
+        neurons = neurons.to(patches.device)
+        channels = neurons // positions
+        groups = channels // (conv.out_channels // conv.groups)
+        return channels, patches[:, groups, neurons % positions]
+
     def choose_route(self, calls: list[Call], n: int, k: int, diagonal: bool = False) -> None:
         conv = self.module
         positions = sum(math.prod(call.outputs[0].shape[2:]) for call in calls)

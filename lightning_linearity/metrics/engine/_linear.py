@@ -86,6 +86,27 @@ class AffineRule(Rule):
             return gram_diagonal(self_product_gram(c, self.weight, self.bias), d, chunk)
         return gradient_diagonal(parts[0])
 
+    def seeded_diagonal(self, call: Call, neurons: Tensor) -> Tensor:
+        """:meth:`diagonal` for the layer whose own output holds the neurons (D their one-hot seeds), in
+        closed form: neuron (o, t), output unit o at position t, has the gradient u_t ⊗ e_o (and e_o for
+        the bias) on this module, u_t its input (patch) at t, so
+
+            K[i,a,i,b] = [o_a = o_b] ([weight] u_{i,t_a} . u_{i,t_b} + [bias]),       shape (n, s, s).
+
+        ``call``: the module's only call; ``neurons``: flat indices into one sample's output."""
+        units, inputs = self._seeded_inputs(call, neurons)  # (s,), (n, s, d)
+        same_unit = (units[:, None] == units[None, :]).to(inputs.dtype)
+        gram = (
+            inputs @ inputs.transpose(1, 2)
+            if self.weight
+            else inputs.new_zeros(*inputs.shape[:2], len(units))
+        )
+        return (gram + 1.0 if self.bias else gram) * same_unit
+
+    def _seeded_inputs(self, call: Call, neurons: Tensor) -> tuple[Tensor, Tensor]:
+        """The output unit of each neuron (s,) and its input at the neuron's position (n, s, d)."""
+        raise NotImplementedError
+
 
 class LinearRule(AffineRule):
     """``nn.Linear`` with or without bias, on inputs (n, d) or (n, ..., d)."""
@@ -101,6 +122,12 @@ class LinearRule(AffineRule):
             inputs.append(c.reshape(n, -1, c.shape[-1]))
             deltas.append(g.reshape(n, k, -1, g.shape[-1]))
         return torch.cat(inputs, 1).unsqueeze(1), torch.cat(deltas, 2).unsqueeze(2)
+
+    def _seeded_inputs(self, call: Call, neurons: Tensor) -> tuple[Tensor, Tensor]:
+        c = call.input()
+        inputs = c.reshape(c.shape[0], -1, c.shape[-1])  # (n, T, d); neuron t * m + o
+        neurons = neurons.to(c.device)
+        return neurons % self.module.out_features, inputs[:, neurons // self.module.out_features]
 
     def choose_route(self, calls: list[Call], n: int, k: int, diagonal: bool = False) -> None:
         positions = sum(call.input()[0].numel() // self.module.in_features for call in calls)

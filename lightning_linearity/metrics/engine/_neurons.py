@@ -11,9 +11,10 @@ outputs of f, on the blocks of single probe points only. One forward pass record
 one backward pass, seeded at the layer's output with the one-hot vectors of the sampled neurons
 (:class:`~._trace.NeuronTarget`), gives D_m[i,r] = d z[r](x_i) / d y_m for every module called before the
 layer; each rule contracts its factors into its (n, s, s) block (:meth:`~._base.Rule.diagonal`). The
-layer's own parameters are one more module, whose D is the one-hot seed itself: for a Linear its weight
-adds (c_i . c_i + 1) delta_rs (row r of W and b[r] are private to neuron r), for a convolution the
-Gram matrix of the input patches at the two neurons' positions when they share a channel.
+layer's own parameters are one more module, whose D is the one-hot seed itself; for a Linear or a
+convolution its block has a closed form (:meth:`~._linear.AffineRule.seeded_diagonal`): a Linear on 2-d
+inputs adds (c_i . c_i + 1) delta_rs (row r of W and b[r] are private to neuron r), a convolution the
+inner product of the input patches at the two neurons' positions (+ 1) when they share a channel.
 
 Not taken (:class:`UnsupportedModel`): what :func:`~._plan.ntk_plan` refuses, a layer inside a module
 whose own parameters act in the same call (its gradient is not at a module output before the layer), and a
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 from lightning_linearity.metrics._functional import trainable_parameters
 from lightning_linearity.metrics._linalg import chunk_slices
 from lightning_linearity.metrics.engine._base import DEFAULT_CHUNK_ELEMENTS, Call, Rule
+from lightning_linearity.metrics.engine._linear import AffineRule
 from lightning_linearity.metrics.engine._plan import (
     UnsupportedModel,
     _check_batch_first,
@@ -63,44 +65,44 @@ def neuron_gram(
     batched = batched_backward(sites)
     s = len(neurons)
     _, calls = record(model, planning, [site.module for site in sites], batched, target)
-    active = [site for site in sites if calls[site.module]]
     with torch.no_grad():
-        for site in active:
+        for site in sites:
             _check_batch_first(site, calls[site.module], planning.shape[0])
             site.choose_route(calls[site.module], x.shape[0], s, diagonal=True)
-        parts = [site.factors(calls[site.module], s) for site in active]
-        gram = _gram(active, parts, chunk_size)
+        gram, elements = _gram(sites, calls, target, chunk_size)
     _self_check(model, target, planning[:1], gram[0])
-    per_probe = sum(
-        _elements(calls[site.module], site_parts) for site, site_parts in zip(active, parts, strict=True)
-    )
-    chunk = chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // max(1, per_probe // planning.shape[0]))
+    chunk = chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // max(1, elements // planning.shape[0]))
     grams = []
     for rows in chunk_slices(x.shape[0], chunk):
         xs = x[rows]
         _, calls = record(model, xs, [site.module for site in sites], batched, target)
         with torch.no_grad():
-            active = [site for site in sites if calls[site.module]]
-            for site in active:
+            for site in sites:
                 _check_batch_first(site, calls[site.module], xs.shape[0])
-            parts = [site.factors(calls[site.module], s) for site in active]
-            grams.append(_gram(active, parts, chunk_size))
+            grams.append(_gram(sites, calls, target, chunk_size)[0])
     return torch.cat(grams)
 
 
-def _gram(sites: list[Rule], parts: list[list[Tensor]], chunk: int | None) -> Tensor:
-    """The sum of the sites' per-probe blocks (their :meth:`~._base.Rule.diagonal`)."""
-    gram = None
-    for site, site_parts in zip(sites, parts, strict=True):
-        block = site.diagonal(site_parts, chunk)
+def _gram(
+    sites: list[Rule], calls: dict[nn.Module, list[Call]], target: NeuronTarget, chunk: int | None
+) -> tuple[Tensor, int]:
+    """The sum of the per-probe blocks of the sites called before the layer, and the number of elements
+    their deltas and factors held. The layer's own Linear or convolution takes its closed form
+    (:meth:`~._linear.AffineRule.seeded_diagonal`); every other site its :meth:`~._base.Rule.diagonal`."""
+    gram, elements = None, 0
+    for site in sites:
+        site_calls = calls[site.module]
+        if not site_calls:  # called after the layer only: no gradient
+            continue
+        if site.module is target.module and isinstance(site, AffineRule):
+            block = site.seeded_diagonal(site_calls[0], target.neurons)
+        else:
+            parts = site.factors(site_calls, len(target.neurons))
+            deltas = sum(g.numel() for call in site_calls for g in call.grads if g is not None)
+            elements += deltas + sum(p.numel() for p in parts)
+            block = site.diagonal(parts, chunk)
         gram = block if gram is None else gram.add_(block)
-    return gram  # record() has raised if no site was called before the layer
-
-
-def _elements(calls: list[Call], parts: list[Tensor]) -> int:
-    """Elements held for a site: its recorded deltas and its factors."""
-    deltas = sum(g.numel() for call in calls for g in call.grads if g is not None)
-    return deltas + sum(p.numel() for p in parts)
+    return gram, elements  # record() has raised if no site was called before the layer
 
 
 def _check_layer_outside_sites(sites: list[Rule], layer: str) -> None:

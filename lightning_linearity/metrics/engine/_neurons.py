@@ -64,14 +64,16 @@ def neuron_gram(
     target = NeuronTarget(model.get_submodule(layer), neurons)
     batched = batched_backward(sites)
     s = len(neurons)
-    _, calls = record(model, planning, [site.module for site in sites], batched, target)
+    probe = NeuronTarget(target.module, neurons[:2])  # the planning trace needs two neurons only
+    _, calls = record(model, planning, [site.module for site in sites], batched, probe)
     with torch.no_grad():
         for site in sites:
             _check_batch_first(site, calls[site.module], planning.shape[0])
             site.choose_route(calls[site.module], x.shape[0], s, diagonal=True)
-        gram, elements = _gram(sites, calls, target, chunk_size)
-    _self_check(model, target, planning[:1], gram[0])
-    chunk = chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // max(1, elements // planning.shape[0]))
+        gram, elements = _gram(sites, calls, probe, chunk_size)
+    _self_check(model, probe, planning[:1], gram[0])
+    per_probe = elements * s // (len(probe.neurons) * planning.shape[0])  # deltas and factors grow with s
+    chunk = chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // max(1, per_probe))
     grams = []
     for rows in chunk_slices(x.shape[0], chunk):
         xs = x[rows]

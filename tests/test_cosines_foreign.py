@@ -397,3 +397,19 @@ def test_non_finite_output():
         model[2].weight[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="non-finite"):
         neuron_gradient_cosines(model, probes(2, 5), "2", method="engine")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", ["mlp", "conv"])
+def test_cuda_equals_cpu(family):
+    torch.manual_seed(10)
+    if family == "mlp":
+        model, x = mlp(True, 2), probes(3, 5)
+    else:
+        model, x = CONVS["conv1d_stride_padding"]().double(), probes(3, 2, 9)
+    cpu = neuron_gradient_cosines(model, x, "2", num_neurons=4, method="engine", reduction="none")
+    gpu = neuron_gradient_cosines(
+        model.cuda(), x.cuda(), "2", num_neurons=4, method="engine", reduction="none"
+    )
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=RTOL, atol=ATOL)

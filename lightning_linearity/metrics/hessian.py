@@ -14,10 +14,12 @@ predicted to be O~(1/sqrt(m)) in the width m. The Hessian is never formed: Lancz
   runs in its coordinates with closed-form products
   (:mod:`~lightning_linearity.metrics._structured_hessian`): no vector of P entries is formed, and a step
   costs about two products with each weight matrix. A chain has per-layer scaling 1 and its own
-  activations' sigma', sigma'' (a ReLU chain: sigma'' = 0, the pure cross term); it is recognised from the
+  activations' sigma', sigma'' (a ReLU chain: sigma'' = 0, the pure cross term; at a pre-activation of
+  exactly 0, sigma'(0) = 0 as in autograd, likewise for the other kinks); it is recognised from the
   modules one forward pass calls and checked against autograd on the first probe point.
 * ``"generic"`` (any ``nn.Module``): forward-over-reverse products H v = d/de grad_w f_a(w + e v; x_i)
-  with ``torch.func``, vmap-ed, on vectors of P entries.
+  with ``torch.func``, vmap-ed, on vectors of P entries. A normalisation layer in training mode normalises
+  by the statistics of the one probe point and leaves its running statistics untouched.
 
 Both compute the same eigenvalue to the tolerance (from different random start vectors); the tests check
 both against dense Hessians.
@@ -91,7 +93,8 @@ class HessianInfo:
         tol: the relative residual tolerance.
         layer: display name of the hidden layer (``None`` for the network output).
         neurons: indices of the sampled neurons of that layer, in column order (``None`` for the output).
-        method: ``"structured"`` or ``"generic"``, the path taken.
+        method: ``"structured"`` or ``"generic"``, the path taken (``"structured"`` also for a foreign chain
+            of ``nn.Linear`` layers and elementwise activations).
         share_names: with ``eigenvector_shares``, the parameter groups of ``layer_shares``: ``layer_1`` ..
             ``layer_L``, ``output`` for the package's networks, module names for other models.
         layer_shares: (n, q, groups), the share ||v_g||^2 of each group's parameters in the unit top

@@ -12,7 +12,12 @@ from torch import Tensor, nn
 from torch.nn.modules.dropout import _DropoutNd
 from torch.utils import _pytree as pytree
 
-from lightning_linearity.metrics._functional import as_2d_output, check_finite, trainable_parameters
+from lightning_linearity.metrics._functional import (
+    as_2d_output,
+    check_output,
+    evaluation_error,
+    trainable_parameters,
+)
 from lightning_linearity.metrics.engine._base import Call, Rule
 from lightning_linearity.metrics.engine._conv import CONV_TYPES, ConvRule
 from lightning_linearity.metrics.engine._fallback import FallbackRule
@@ -194,10 +199,8 @@ def _forward(model: nn.Module, x: Tensor) -> Tensor:
         with torch.no_grad(), torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
             out = as_2d_output(model(x), x.shape[0])
     except (RuntimeError, ValueError) as err:
-        raise ValueError(
-            f"{type(model).__name__} could not be evaluated on probe inputs of shape {tuple(x.shape)}: {err}"
-        ) from err
-    return check_finite(out, "the model output on the probe inputs")
+        raise evaluation_error(model, x, err) from err
+    return check_output(model, x, out)
 
 
 def _check_sample_wise(model: nn.Module, x: Tensor) -> Tensor:

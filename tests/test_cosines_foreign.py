@@ -183,14 +183,18 @@ def test_first_convolution_is_not_orthogonal():
     assert neuron_gradient_cosines(model, x, "0", method="engine") > 0
 
 
+def mlp_or_cnn(family, seed):
+    """A small MLP or 1-d CNN whose layer "2" is hidden, and probe points for it."""
+    torch.manual_seed(seed)
+    if family == "mlp":
+        return mlp(True, 2), probes(3, 5)
+    return CONVS["conv1d_stride_padding"]().double(), probes(3, 2, 9)
+
+
 @pytest.mark.parametrize("family", ["mlp", "conv"])
 def test_layer_with_frozen_weight(family):
     """Only the bias of the layer is trainable: its own block is [same output unit] * 1."""
-    torch.manual_seed(9)
-    if family == "mlp":
-        model, x = mlp(True, 2), probes(3, 5)
-    else:
-        model, x = CONVS["conv1d_stride_padding"]().double(), probes(3, 2, 9)
+    model, x = mlp_or_cnn(family, seed=9)
     model[2].weight.requires_grad_(False)
     check_layer(model, x, "2")
 
@@ -402,11 +406,7 @@ def test_non_finite_output():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("family", ["mlp", "conv"])
 def test_cuda_equals_cpu(family):
-    torch.manual_seed(10)
-    if family == "mlp":
-        model, x = mlp(True, 2), probes(3, 5)
-    else:
-        model, x = CONVS["conv1d_stride_padding"]().double(), probes(3, 2, 9)
+    model, x = mlp_or_cnn(family, seed=10)
     cpu = neuron_gradient_cosines(model, x, "2", num_neurons=4, method="engine", reduction="none")
     gpu = neuron_gradient_cosines(
         model.cuda(), x.cuda(), "2", num_neurons=4, method="engine", reduction="none"

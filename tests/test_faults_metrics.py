@@ -343,3 +343,50 @@ def test_huge_and_tiny_kernels_keep_their_ratio():
         assert math.isclose(relative_kernel_change(kt, k0).item(), expected, rel_tol=1e-6)
     spectrum = kernel_spectrum(torch.full((2, 2), 3e38))  # eigenvalues 0 and 6e38, beyond float32
     assert spectrum.lambda_max == pytest.approx(2 * float(torch.tensor(3e38)), rel=1e-12)
+
+
+@pytest.mark.parametrize("ours", [False, True])
+def test_a_non_finite_output_says_where_it_comes_from(ours):
+    """NaN in the probe inputs, a diverged parameter, or an overflowing forward pass: three different fixes,
+    three different one-line messages (the first two used to blame the parameters alike)."""
+    from lightning_linearity.metrics.ntk import empirical_ntk
+
+    torch.manual_seed(0)
+    if ours:
+        model = NTKFCN(in_features=3, width=4, depth=1, out_features=2, activation="relu", bias=True)
+        first, bias = model.layered_net.layers[0].weight, model.layered_net.layers[1].bias
+    else:
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        first, bias = model[0].weight, model[2].bias
+    x = torch.randn(4, 3)
+    causes = {
+        "the probe inputs hold 1 NaN or inf": lambda: x.__setitem__((0, 1), math.nan),
+        r"'\S*bias' is non-finite .* diverged": lambda: bias.data.fill_(math.inf),
+        # finite inputs (1e30) and weights (1e10), a pre-activation of 3e40 > float32's 3.4e38
+        "forward pass overflows on these inputs": lambda: (x.fill_(1e30), first.data.fill_(1e10)),
+    }
+    for message, damage in causes.items():
+        saved = {k: v.clone() for k, v in model.state_dict().items()}
+        x.copy_(torch.randn(4, 3))
+        damage()
+        with pytest.raises(
+            FloatingPointError, match=f"^the model output on the probe inputs has .*{message}"
+        ) as info:
+            empirical_ntk(model, x)
+        _one_line(info)
+        model.load_state_dict(saved)
+
+
+@pytest.mark.parametrize("ours", [False, True])
+def test_integer_probe_inputs_on_a_float_model_say_to_cast_them(ours):
+    from lightning_linearity.metrics.ntk import empirical_ntk
+
+    if ours:
+        model = NTKFCN(in_features=3, width=4, depth=1, out_features=2)
+    else:
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    with pytest.raises(
+        ValueError, match=r"the probe inputs are torch.int64: cast them to the model's dtype"
+    ) as info:
+        empirical_ntk(model, torch.randint(0, 5, (4, 3)))
+    _one_line(info)

@@ -14,6 +14,11 @@ name (under ``linearity/``)        metric              what (docs/math.md)
 ``kernel_change``, ``..._max``     ``kernel_change``   ||K_t - K_0|| / ||K_0|| and its running max (2.3)
 ``hessian_norm_max``, ``_mean``    ``hessian_norm``    ||d^2 f_a(x_i)/dw^2||_2 over (i, a) (2.4); per
                                                        hidden layer ``hessian_norm_max/<layer>``
+``hessian_eigenvector_share/<l>``  ``hessian_norm``    share ||v_l||^2 of layer l's weights in the top
+                                                       eigenvector v of the output Hessians (2.4; option
+                                                       ``eigenvector_shares``)
+``hessian_eigenvector_neuron_``    ``hessian_norm``    the largest share of one hidden neuron in v
+``share``
 ``grad_cosine/<layer>``            ``grad_cosines``    mean |cos| of neuron gradients (2.5)
 ``linearization_error_mean``,      ``linearization``   |f(w) - f_lin(w)| (2.6), relative to
 ``_max``, ``_relative``                                |f(w) - f(w_0)|
@@ -48,6 +53,9 @@ KERNEL_CHANGE = "kernel_change"
 KERNEL_CHANGE_MAX = "kernel_change_max"
 HESSIAN_NORM_MAX = "hessian_norm_max"
 HESSIAN_NORM_MEAN = "hessian_norm_mean"
+#: Group of the top Hessian eigenvector's share per layer, ``hessian_eigenvector_share/<layer>``.
+HESSIAN_EIGENVECTOR_SHARE = "hessian_eigenvector_share"
+HESSIAN_EIGENVECTOR_NEURON_SHARE = "hessian_eigenvector_neuron_share"
 COSINE_GROUP = "grad_cosine"
 LINEARIZATION_ERROR_MEAN = "linearization_error_mean"
 LINEARIZATION_ERROR_MAX = "linearization_error_max"
@@ -83,6 +91,9 @@ GROUPS: dict[str, Group] = {
     PL_RATIO: Group("‖∇L‖² / (2L)  (PL*: ≥ λ_min)"),
     KERNEL_CHANGE: Group("relative kernel change  ‖K_t - K_0‖ / ‖K_0‖"),
     "hessian_norm": Group("Hessian spectral norm  ‖H_f‖₂"),
+    HESSIAN_EIGENVECTOR_SHARE: Group(
+        "top Hessian eigenvector v: share ‖v_l‖² per layer, largest of one neuron"
+    ),
     COSINE_GROUP: Group("mean |cos| of neuron gradients"),
     "linearization_error": Group("linearisation error  |f - f_lin|"),
     LINEARIZATION_ERROR_RELATIVE: Group("relative linearisation error  |f - f_lin| / |f - f_0|"),
@@ -99,6 +110,7 @@ GROUPS: dict[str, Group] = {
 _EXPLICIT_GROUPS = {
     SHARPNESS: (SHARPNESS, "loss Hessian"),
     SHARPNESS_GAUSS_NEWTON: (SHARPNESS, "Gauss-Newton"),
+    HESSIAN_EIGENVECTOR_NEURON_SHARE: (HESSIAN_EIGENVECTOR_SHARE, "one neuron (largest)"),
 }
 
 #: (key, short name) of the progress-bar summary, shown when present.
@@ -118,6 +130,11 @@ def logged(name: str) -> str:
 def cosine_key(layer: str) -> str:
     """The name of the cosines of one layer, ``grad_cosine/<layer>``."""
     return f"{COSINE_GROUP}/{layer}"
+
+
+def eigenvector_share_key(layer: str) -> str:
+    """The name of one layer's share in the top Hessian eigenvector, ``hessian_eigenvector_share/<layer>``."""
+    return f"{HESSIAN_EIGENVECTOR_SHARE}/{layer}"
 
 
 def seconds_key(stage: str) -> str:

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_linearity.callbacks import LinearityMonitor, _stages
 from lightning_linearity.keys import is_timing
+from lightning_linearity.metrics import split
 from lightning_linearity.models import NTKFCN
 
 NUM_POINTS = 16
@@ -54,7 +55,7 @@ def inject_fault(rank: int, step: int) -> None:
     """Make ``neuron_gradient_cosines`` raise on ``rank`` in the round at ``step``."""
     if int(os.environ.get("LOCAL_RANK", "0")) != rank:
         return
-    original = _stages.neuron_gradient_cosines
+    original = split.neuron_gradient_cosines
     calls_per_round = len(METRICS["grad_cosines"].get("layers", [1, 2]))
     failing_call = (step // EVERY_N_STEPS) * calls_per_round  # rounds at steps 0, 2, 4, ...
     calls = iter(range(10**6))
@@ -64,7 +65,7 @@ def inject_fault(rank: int, step: int) -> None:
             raise RuntimeError(f"injected fault on rank {rank}")
         return original(*args, **kwargs)
 
-    _stages.neuron_gradient_cosines = failing
+    split.neuron_gradient_cosines = failing
 
 
 def inject_values_fault(rank: int, step: int) -> None:

@@ -16,8 +16,9 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_linearity.callbacks import LinearityMonitor, _stages
+from lightning_linearity.callbacks import LinearityMonitor
 from lightning_linearity.keys import is_timing
+from lightning_linearity.metrics import split
 from lightning_linearity.metrics.cosines import neuron_gradient_cosines
 from lightning_linearity.metrics.hessian import hessian_spectral_norm
 from lightning_linearity.metrics.ntk import empirical_ntk
@@ -395,7 +396,7 @@ def broken_hessian(*args, **kwargs):
 
 
 def test_a_failing_metric_warns_once_and_training_continues(tmp_path, monkeypatch):
-    monkeypatch.setattr(_stages, "hessian_spectral_norm", broken_hessian)
+    monkeypatch.setattr(split, "hessian_spectral_norm", broken_hessian)
     monitor = make_monitor(["ntk", "hessian_norm"], every_n_steps=1, probe_size=8)
     with pytest.warns(UserWarning, match="hessian_norm failed at step 0 on rank 0") as record:
         trainer(tmp_path, [monitor], max_steps=3).fit(fcn(), loader())
@@ -410,7 +411,7 @@ def test_a_failure_while_planning_the_split_only_warns(tmp_path, monkeypatch):
     def broken_evaluate(model, x):
         raise ValueError("broken forward")
 
-    monkeypatch.setattr(_stages, "evaluate", broken_evaluate)
+    monkeypatch.setattr(split, "evaluate", broken_evaluate)
     monitor = make_monitor(["ntk", "hessian_norm"], every_n_steps=1, probe_size=8)
     with pytest.warns(UserWarning, match="hessian_norm failed at step 0 on rank 0"):
         trainer(tmp_path, [monitor], max_steps=2).fit(fcn(), loader())
@@ -420,7 +421,7 @@ def test_a_failure_while_planning_the_split_only_warns(tmp_path, monkeypatch):
 
 
 def test_on_error_raise_stops_training(tmp_path, monkeypatch):
-    monkeypatch.setattr(_stages, "hessian_spectral_norm", broken_hessian)
+    monkeypatch.setattr(split, "hessian_spectral_norm", broken_hessian)
     monitor = make_monitor(["hessian_norm"], every_n_steps=1, probe_size=8, on_error="raise")
     with pytest.raises(RuntimeError, match="hessian_norm failed at step 0 on rank 0"):
         trainer(tmp_path, [monitor], max_steps=3, logger=False).fit(fcn(), loader())

@@ -1,5 +1,6 @@
-"""The monitor's metrics beyond the papers: the distance from the infinite-width kernel (kernel_regime) and
-the loss sharpness against the optimiser's current step size (sharpness), docs/math.md 2.8 and 2.9."""
+"""The monitor's metrics beyond the papers: the distance from the infinite-width kernel (kernel_regime),
+the loss sharpness against the optimiser's current step size (sharpness), docs/math.md 2.8 and 2.9, and where
+the top Hessian eigenvector lives (hessian_norm eigenvector_shares, 2.4)."""
 
 from __future__ import annotations
 
@@ -70,3 +71,25 @@ def test_sharpness_without_targets_only_warns(tmp_path):
         trainer(tmp_path, [monitor], max_steps=1, logger=False).fit(fcn(), loader())
     assert [row["step"] for row in monitor.history] == [0, 1]
     assert all("linearity/lambda_min" in row and "linearity/sharpness" not in row for row in monitor.history)
+
+
+def test_hessian_eigenvector_shares_are_logged_each_round_for_the_package_nets(tmp_path):
+    options = {"hessian_norm": {"eigenvector_shares": True, "tol": 1e-3}}
+    monitor = make_monitor(options, every_n_steps=2, probe_size=4, dtype="float64")
+    trainer(tmp_path, [monitor], max_steps=2, logger=False).fit(fcn(), loader())
+    assert [row["step"] for row in monitor.history] == [0, 2]
+    for row in monitor.history:
+        shares = {k: v for k, v in row.items() if k.startswith("linearity/hessian_eigenvector_share/")}
+        assert len(shares) == fcn().net.depth + 1  # every hidden layer and the output layer
+        assert sum(shares.values()) == pytest.approx(1.0)
+        assert 0 < row["linearity/hessian_eigenvector_neuron_share"] <= 1
+
+
+def test_hessian_eigenvector_shares_on_a_foreign_model_warn_once_and_log_nothing_for_them(tmp_path):
+    monitor = make_monitor({"hessian_norm": {"eigenvector_shares": True}}, every_n_steps=1, probe_size=4)
+    with pytest.warns(UserWarning, match="eigenvector_shares is off for this run") as record:
+        trainer(tmp_path, [monitor], max_steps=2, logger=False).fit(ForeignMLP(), loader())
+    assert sum("eigenvector_shares" in str(w.message) for w in record) == 1
+    assert [row["step"] for row in monitor.history] == [0, 1, 2]
+    assert all("linearity/hessian_norm_max" in row for row in monitor.history)
+    assert not any("eigenvector" in key for row in monitor.history for key in row)

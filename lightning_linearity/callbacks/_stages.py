@@ -28,7 +28,6 @@ import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from itertools import groupby
 from typing import Any, Literal
 
 import torch
@@ -37,25 +36,29 @@ from torch import Tensor, nn
 from lightning_linearity import keys
 from lightning_linearity._compat import MisconfigurationException
 from lightning_linearity.callbacks._probe import ProbeSet
-from lightning_linearity.metrics._functional import (
+from lightning_linearity.metrics import (
+    Method,
+    analytic_ntk,
     as_layered_net,
-    check_finite,
-    evaluate,
-    layer_output_model,
-    num_parameters,
+    check_method,
+    kernel_spectrum,
+    linearization_error,
+    loss_sharpness,
+    pl_ratio,
+    relative_kernel_change,
     resolve_layer,
-    trainable_parameters,
 )
-from lightning_linearity.metrics._layered import Method, check_method, structured_net
-from lightning_linearity.metrics.analytic import analytic_ntk
-from lightning_linearity.metrics.cosines import hidden_layers, neuron_gradient_cosines
-from lightning_linearity.metrics.hessian import hessian_spectral_norm
-from lightning_linearity.metrics.kernel_change import relative_kernel_change
-from lightning_linearity.metrics.linearization import linearization_error
-from lightning_linearity.metrics.ntk import NTKFactors, empirical_ntk, structured_factors, structured_kernel
-from lightning_linearity.metrics.pl import kernel_spectrum, pl_ratio
-from lightning_linearity.metrics.sharpness import loss_sharpness
-from lightning_linearity.nets.network import LayeredNTKNet
+from lightning_linearity.metrics.cosines import hidden_layers
+from lightning_linearity.metrics.ntk import NTKPath, ntk_from_share_rows, ntk_path, ntk_share_rows
+from lightning_linearity.metrics.split import (
+    HessianUnit,
+    cosine_share_rows,
+    cosines_from_rows,
+    eigenvector_groups,
+    hessian_from_rows,
+    hessian_share_rows,
+    hessian_units,
+)
 
 Layer = int | str
 
@@ -89,14 +92,6 @@ class RoundContext:
 
     def generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed)
-
-
-def evaluate_share(compute: Any, x: Tensor, share: slice) -> Tensor:
-    """``compute(x[share])``; an empty share (fewer points than ranks) evaluates one point and keeps no row,
-    so that its (0, ...) result still has the trailing shape the all-gather needs."""
-    if share.stop > share.start:
-        return compute(x[share])
-    return compute(x[:1])[:0]
 
 
 def _check_positive_int(name: str, value: Any, allow_none: bool = True) -> None:
@@ -217,6 +212,11 @@ class HessianOptions:
         num_neurons: neurons sampled per layer in ``layers`` (``None``: all).
         method: ``"auto"``, ``"structured"`` or ``"generic"`` (see
             :func:`~lightning_linearity.metrics.hessian.hessian_spectral_norm`).
+        eigenvector_shares: also log where the top eigenvector v of the output Hessians lives (the one of
+            the largest norm over points and outputs; docs/math.md 2.4): its share ||v_l||^2 of each
+            layer's weights, ``hessian_eigenvector_share/<layer>``, and its largest single-neuron share,
+            ``hessian_eigenvector_neuron_share``. The package's networks only (others: a warning at
+            setup, nothing logged for it).
     """
 
     num_points: int | None = 1
@@ -225,6 +225,7 @@ class HessianOptions:
     layers: tuple[Layer, ...] = ()
     num_neurons: int | None = 8
     method: Method = "auto"
+    eigenvector_shares: bool = False
 
     def __post_init__(self) -> None:
         _check_positive_int("num_points", self.num_points)
@@ -233,6 +234,8 @@ class HessianOptions:
         if isinstance(self.tol, bool) or not isinstance(self.tol, int | float) or not 0 < self.tol < math.inf:
             raise ValueError(f"tol must be a positive number, got {self.tol!r}")
         check_method(self.method)
+        if not isinstance(self.eigenvector_shares, bool):
+            raise ValueError(f"eigenvector_shares must be True or False, got {self.eigenvector_shares!r}")
         object.__setattr__(self, "layers", tuple(self.layers))
 
 
@@ -392,11 +395,12 @@ class Stage(ABC):
 class Kernel(Stage):
     """The empirical NTK K (docs/math.md 2.1), its spectrum (2.2) and its change from K_0 (2.3).
 
-    K is computed once per round and shared by ``ntk`` and ``kernel_change``. On the package's networks
-    rank r computes the structured factors (c_l and the output deltas D_l, docs/math.md 3) of its probe
-    points, the expensive backward passes, and every rank forms K from the gathered factors with the code
-    a single process uses. On other models rank r computes the row block K[x_r, X] (a cross kernel); the
-    gathered blocks form K, symmetrised, (K + K^T) / 2, to remove rounding differences between blocks.
+    K is computed once per round and shared by ``ntk``, ``kernel_change`` and ``kernel_regime``. The NTK's
+    work split (:func:`~lightning_linearity.metrics.ntk.ntk_path` decides the path,
+    :func:`~lightning_linearity.metrics.ntk.ntk_share_rows` gives rank r the rows of its probe points,
+    :func:`~lightning_linearity.metrics.ntk.ntk_from_share_rows` K from all of them): on the package's
+    networks and on the models the per-module engine takes, a rank backpropagates its own probe points
+    only, and every rank forms K from the gathered factor rows with the code a single process uses.
     K_0 = K(w_0) is taken in the round at the start of training and kept (also in the checkpoint).
     """
 
@@ -410,6 +414,7 @@ class Kernel(Stage):
     latest: Tensor | None = field(default=None, init=False)  # K of the last round
     change_max: float = field(default=0.0, init=False)
     theta: Tensor | None = field(default=None, init=False)  # the infinite-width NTK on the probe set
+    path: NTKPath | None = field(default=None, init=False)  # the NTK's path for the measured model
 
     def __post_init__(self) -> None:
         served = (("ntk", self.ntk), ("kernel_change", self.change), ("kernel_regime", self.regime))
@@ -436,33 +441,18 @@ class Kernel(Stage):
     def _kernel_options(self) -> NTKOptions:
         return self.ntk or NTKOptions()
 
-    def _net(self, ctx: RoundContext) -> LayeredNTKNet | None:
-        """The network for the structured factors, or ``None`` for the generic path's row blocks."""
-        method = self._kernel_options.method
-        return None if method == "generic" else structured_net(ctx.model, required=method == "structured")
+    def _path(self, ctx: RoundContext) -> NTKPath:
+        """The NTK's path for the measured model, decided in its first round (the same on every rank)."""
+        if self.path is None or self.path.model is not ctx.model:
+            self.path = ntk_path(ctx.model, ctx.probe.x, method=self._kernel_options.method)
+        return self.path
 
     def rows(self, ctx: RoundContext, share: slice) -> dict[str, Tensor]:
-        x, opts, net = ctx.probe.x, self._kernel_options, self._net(ctx)
-        if net is not None:  # the factors of this rank's points; every rank assembles K from all of them
-            return {"factors": evaluate_share(lambda xs: structured_factors(net, xs).flatten(), x, share)}
-
-        def block(x_rows: Tensor) -> Tensor:
-            x2 = None if x_rows.shape[0] == x.shape[0] else x  # the whole kernel: let it use the symmetry
-            kernel = empirical_ntk(ctx.model, x_rows, x2, method=opts.method, chunk_size=opts.chunk_size)
-            return kernel.reshape(x_rows.shape[0], -1)  # rows (i, a) of K -> one row per probe point i
-
-        return {"kernel": evaluate_share(block, x, share)}
+        chunk_size = self._kernel_options.chunk_size
+        return {"ntk": ntk_share_rows(self._path(ctx), ctx.probe.x, share, chunk_size=chunk_size)}
 
     def values(self, ctx: RoundContext, rows: dict[str, Tensor]) -> dict[str, float]:
-        if "factors" in rows:
-            net = self._net(ctx)
-            factors = NTKFactors.unflatten(rows["factors"], net)
-            kernel = structured_kernel(net, factors, chunk_size=self._kernel_options.chunk_size)
-            kernel = check_finite(kernel, "the empirical NTK")
-        else:
-            side = math.isqrt(rows["kernel"].numel())  # n * k
-            kernel = rows["kernel"].reshape(side, side)
-            kernel = (kernel + kernel.T) / 2
+        kernel = ntk_from_share_rows(self._path(ctx), rows["ntk"], chunk_size=self._kernel_options.chunk_size)
         if self.reference is None:
             self.reference, self.reference_step = kernel, ctx.step
             if not ctx.take_references and self.change is not None:
@@ -498,7 +488,7 @@ class Kernel(Stage):
 
     def reset(self) -> None:
         self.reference, self.latest, self.change_max, self.reference_step = None, None, 0.0, 0
-        self.theta = None
+        self.theta, self.path = None, None
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -516,86 +506,74 @@ class Kernel(Stage):
 @dataclass
 class Hessian(Stage):
     """Spectral norms ||d^2 f_a(w; x_i) / dw^2|| per probe point and output (docs/math.md 2.4), max and mean;
-    optionally the same for sampled hidden pre-activations of chosen layers.
+    optionally the same for sampled hidden pre-activations of chosen layers, and where the top eigenvector
+    of the output Hessians lives.
 
-    The work splits into units (key, point i, function a), with key the output or a layer; rank r takes
-    a contiguous share of them, so one probe point's ten outputs already spread over ranks. Each point is
-    one call per rank with a generator seeded alike and ``columns`` picking the rank's functions, which
-    keep the Lanczos start vectors (and neuron sample) of the full computation: DDP logs what a single
-    process logs.
+    The work splits into units (function, point i, column a), with the function the output or a layer
+    (:func:`~lightning_linearity.metrics.split.hessian_units`); rank r takes a contiguous share of them, so
+    one probe point's ten outputs already spread over ranks, and every unit keeps the Lanczos start vector
+    (and neuron sample) of the full computation: DDP logs what a single process logs.
     """
 
     options: HessianOptions
     metrics: tuple[str, ...] = ("hessian_norm",)
     name: str = "hessian_norm"
     layers: list[tuple[Layer, str]] = field(default_factory=list, init=False)
-    _functions: dict[str, int] = field(default_factory=dict, init=False)  # key -> q (outputs / neurons)
+    shares: bool = field(default=False, init=False)  # log the top eigenvector's shares
 
     def setup(self, model: nn.Module, dtype: torch.dtype) -> None:
         self.layers = (
             _resolve_layers(model, self.options.layers, "hessian_norm") if self.options.layers else []
         )
-        self._functions = {}
+        self.shares = self.options.eigenvector_shares
+        if self.shares and as_layered_net(model) is None:
+            self.shares = False
+            warnings.warn(
+                f"LinearityMonitor: hessian_norm's eigenvector_shares is off for this run: the share of a "
+                f"layer or neuron is defined for the package's layered networks, not for "
+                f"{type(model).__name__} (the norms are still logged)",
+                stacklevel=2,
+            )
 
     @property
     def point_limit(self) -> int | None:
         return self.options.num_points
 
-    def _keys(self) -> list[tuple[str, Layer | None]]:
-        return [("", None), *((name, layer) for layer, name in self.layers)]
-
-    def _num_functions(self, ctx: RoundContext, key: str, layer: Layer | None) -> int:
-        """q of ``key``: the model's outputs, or the neurons sampled in that layer (cached)."""
-        if key not in self._functions:
-            x = ctx.probe.x[:1]
-            with torch.no_grad():
-                if layer is None:
-                    q = evaluate(ctx.model, x).shape[1]
-                else:
-                    q = self.options.num_neurons  # more than the layer has: the metric says so
-                    if q is None:
-                        q = layer_output_model(ctx.model, layer)(trainable_parameters(ctx.model), x).shape[1]
-            self._functions[key] = q
-        return self._functions[key]
-
-    def _units(self, ctx: RoundContext) -> list[tuple[str, Layer | None, int, int]]:
-        """Every (key, layer, point, function) of the round, key by key, then point by point."""
-        n = self.num_points(len(ctx.probe))
-        return [
-            (key, layer, i, a)
-            for key, layer in self._keys()
-            for i in range(n)
-            for a in range(self._num_functions(ctx, key, layer))
-        ]
+    def _units(self, ctx: RoundContext) -> list[HessianUnit]:
+        """Every (function, point, column) of the round: the output, then each layer, point by point."""
+        functions = [None, *(layer for layer, _ in self.layers)]
+        return hessian_units(ctx.model, self.inputs(ctx), functions, num_neurons=self.options.num_neurons)
 
     def num_units(self, ctx: RoundContext) -> int:
         return len(self._units(ctx))
 
     def rows(self, ctx: RoundContext, share: slice) -> dict[str, Tensor]:
-        opts, x = self.options, self.inputs(ctx)
-        norms = [torch.zeros(0, dtype=torch.float64, device=x.device)]  # float even for token inputs
-        for (_, layer, i), units in groupby(self._units(ctx)[share], key=lambda unit: unit[:3]):
-            value = hessian_spectral_norm(
-                ctx.model,
-                x[i : i + 1],
-                layer=layer,
-                num_neurons=None if layer is None else opts.num_neurons,
-                generator=ctx.generator(),
-                tol=opts.tol,
-                max_iter=opts.max_iter,
-                method=opts.method,
-                columns=[a for *_, a in units],
-            )
-            norms.append(value.flatten().to(torch.float64))
-        return {"norms": torch.cat(norms)}
+        opts = self.options
+        rows = hessian_share_rows(
+            ctx.model,
+            self.inputs(ctx),
+            self._units(ctx)[share],
+            seed=ctx.seed,
+            num_neurons=opts.num_neurons,
+            tol=opts.tol,
+            max_iter=opts.max_iter,
+            method=opts.method,
+            eigenvector_shares=self.shares,
+        )
+        return {"hessian": rows}
 
     def values(self, ctx: RoundContext, rows: dict[str, Tensor]) -> dict[str, float]:
-        values, norms = {}, rows["norms"]
-        sizes = [self.num_points(len(ctx.probe)) * self._num_functions(ctx, k, l) for k, l in self._keys()]
-        for (key, _), part in zip(self._keys(), norms.split(sizes), strict=True):
-            suffix = f"/{key}" if key else ""
-            values[keys.HESSIAN_NORM_MAX + suffix] = float(part.max())
-            values[keys.HESSIAN_NORM_MEAN + suffix] = float(part.mean())
+        measured = hessian_from_rows(self._units(ctx), rows["hessian"])
+        names = {None: "", **dict(self.layers)}
+        values = {}
+        for layer, norms in measured.norms.items():
+            suffix = f"/{names[layer]}" if names[layer] else ""
+            values[keys.HESSIAN_NORM_MAX + suffix] = float(norms.max())
+            values[keys.HESSIAN_NORM_MEAN + suffix] = float(norms.mean())
+        if measured.top_shares is not None:
+            for group, share in zip(eigenvector_groups(ctx.model), measured.top_shares, strict=True):
+                values[keys.eigenvector_share_key(group)] = float(share)
+            values[keys.HESSIAN_EIGENVECTOR_NEURON_SHARE] = float(measured.top_neuron_share)
         return values
 
 
@@ -622,26 +600,25 @@ class Cosines(Stage):
         return self.options.num_points
 
     def rows(self, ctx: RoundContext, share: slice) -> dict[str, Tensor]:
-        def per_probe(xs: Tensor, layer: Layer) -> Tensor:
-            return neuron_gradient_cosines(
-                ctx.model,
-                xs,
-                layer,
-                num_neurons=self.options.num_neurons,
-                generator=ctx.generator(),
-                method=self.options.method,
-                reduction="none",
-                chunk_size=self.options.chunk_size,
-            )
-
-        x = self.inputs(ctx)
+        opts, x = self.options, self.inputs(ctx)
         return {
-            name: evaluate_share(lambda xs, layer=layer: per_probe(xs, layer), x, share)
+            name: cosine_share_rows(
+                ctx.model,
+                x,
+                share,
+                layer,
+                seed=ctx.seed,
+                num_neurons=opts.num_neurons,
+                method=opts.method,
+                chunk_size=opts.chunk_size,
+            )
             for layer, name in self.layers
         }
 
     def values(self, ctx: RoundContext, rows: dict[str, Tensor]) -> dict[str, float]:
-        return {keys.cosine_key(name): float(per_probe.mean()) for name, per_probe in rows.items()}
+        return {
+            keys.cosine_key(name): float(cosines_from_rows(per_probe)) for name, per_probe in rows.items()
+        }
 
 
 @dataclass
@@ -656,7 +633,8 @@ class Linearization(Stage):
 
     def setup(self, model: nn.Module, dtype: torch.dtype) -> None:
         budget = self.options.memory_budget_mb
-        size_mb = num_parameters(trainable_parameters(model)) * torch.finfo(dtype).bits / 8 / 2**20
+        numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        size_mb = numel * torch.finfo(dtype).bits / 8 / 2**20
         if budget is not None and size_mb > budget:
             raise MisconfigurationException(
                 f"linearization keeps a copy of the initial parameters w_0: {size_mb:.1f} MiB in {dtype} for "

@@ -45,7 +45,7 @@ from lightning_linearity.callbacks._stages import (
     parse_metrics,
 )
 from lightning_linearity.keys import PREFIX, PROGRESS_BAR_KEY, SUMMARY_KEYS
-from lightning_linearity.metrics._functional import as_layered_net, evaluate
+from lightning_linearity.metrics import as_layered_net, evaluate
 from lightning_linearity.metrics.pl import square_loss_targets
 
 if TYPE_CHECKING:

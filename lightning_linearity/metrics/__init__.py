@@ -17,8 +17,19 @@ train/eval mode or torch's global random state.
 ``analytic_nngp``              infinite-width NNGP Sigma = lim E[f_a(x) f_a(x')] at init      (2.8)
 ``loss_sharpness``             k largest eigenvalues of d^2 L / dw^2 and the Gauss-Newton top (2.9)
 =============================  ==================================================================
+
+Work splits across processes (DDP), as pairs of pure functions: rows of a share of the probe points or
+units, and the values from the rows of all shares: the NTK's in :mod:`lightning_linearity.metrics.ntk`
+(``ntk_path``, ``ntk_share_rows``, ``ntk_from_share_rows``), the Hessian norms' and the cosines' in
+:mod:`lightning_linearity.metrics.split`.
+
+Helpers for code built on the metrics (the callback): ``as_layered_net`` (the package's network behind a
+model), ``evaluate`` (f(w; x) as (n, k) with clear errors), ``resolve_layer`` (a hidden layer's submodule
+and display name), ``check_method`` and ``Method`` (the ``method`` argument of the metrics).
 """
 
+from lightning_linearity.metrics._functional import as_layered_net, evaluate, resolve_layer
+from lightning_linearity.metrics._layered import Method, check_method
 from lightning_linearity.metrics._linalg import ConvergenceWarning
 from lightning_linearity.metrics.analytic import analytic_nngp, analytic_ntk
 from lightning_linearity.metrics.cosines import neuron_gradient_cosines
@@ -38,11 +49,15 @@ __all__ = [
     "HessianInfo",
     "KernelSpectrum",
     "LinearizationError",
+    "Method",
     "Sharpness",
     "analytic_nngp",
     "analytic_ntk",
+    "as_layered_net",
+    "check_method",
     "distance_from_init",
     "empirical_ntk",
+    "evaluate",
     "hessian_spectral_norm",
     "kernel_spectrum",
     "linearization_error",
@@ -50,4 +65,5 @@ __all__ = [
     "neuron_gradient_cosines",
     "pl_ratio",
     "relative_kernel_change",
+    "resolve_layer",
 ]

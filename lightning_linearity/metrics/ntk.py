@@ -42,6 +42,7 @@ the generic path otherwise.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -66,13 +67,25 @@ from lightning_linearity.metrics._layered import backpropagate, structured_net, 
 from lightning_linearity.metrics._linalg import chunk_slices
 from lightning_linearity.metrics.engine import (
     DEFAULT_CHUNK_ELEMENTS,
+    NTKPlan,
     UnsupportedModel,
     engine_ntk,
+    ntk_from_rows,
+    ntk_plan,
+    ntk_rows,
 )
 from lightning_linearity.metrics.engine._ntk_linear import add_ntk_linear_kernel
 from lightning_linearity.nets.network import LayeredNTKNet
 
-__all__ = ["DEFAULT_CHUNK_ELEMENTS", "empirical_ntk"]
+__all__ = [
+    "DEFAULT_CHUNK_ELEMENTS",
+    "NTKPath",
+    "empirical_ntk",
+    "ntk_from_share_rows",
+    "ntk_path",
+    "ntk_share_rows",
+    "rows_of_share",
+]
 
 GenericImpl = Literal["jacobian", "ntk_vp"]
 NTKMethod = Literal["auto", "structured", "engine", "generic"]
@@ -120,37 +133,116 @@ def empirical_ntk(
             a model it cannot handle (the message says why).
         FloatingPointError: NaN or inf in the model output or in K.
     """
-    if method not in ("auto", "structured", "engine", "generic"):
-        raise ValueError(f"method must be 'auto', 'structured', 'engine' or 'generic', got {method!r}")
     if generic_impl not in ("jacobian", "ntk_vp"):
         raise ValueError(f"generic_impl must be 'jacobian' or 'ntk_vp', got {generic_impl!r}")
     check_chunk_size(chunk_size)
     check_probes(x, x2)
     params = trainable_parameters(model)
-    net = structured_net(model, required=method == "structured") if method in ("auto", "structured") else None
-    if net is not None:
-        kernel = _structured_ntk(net, x, x2, chunk_size)
-    elif method in ("auto", "engine"):
-        kernel = _engine_ntk(model, x, x2, chunk_size, required=method == "engine")
-        if kernel is None:
-            kernel = _generic_ntk(model, params, x, x2, generic_impl, chunk_size)
+    path = ntk_path(model, x, method=method)
+    if path.net is not None:
+        kernel = _structured_ntk(path.net, x, x2, chunk_size)
+    elif path.plan is not None:
+        kernel = engine_ntk(model, x, x2, chunk_size=chunk_size, plan=path.plan)
     else:
         kernel = _generic_ntk(model, params, x, x2, generic_impl, chunk_size)
     return check_finite(kernel, "the empirical NTK")
 
 
-def _engine_ntk(
-    model: nn.Module, x: Tensor, x2: Tensor | None, chunk_size: int | None, *, required: bool
-) -> Tensor | None:
-    """K by the engine; ``None`` if it cannot take the model and ``required`` is False."""
-    try:
-        return engine_ntk(model, x, x2, chunk_size=chunk_size)
-    except UnsupportedModel as err:
-        if required:
-            raise ValueError(
-                f"method='engine' cannot handle this model: {err}. Use method='generic'."
-            ) from err
-        return None
+# ----------------------------------------------------------------------------------- the work split
+@dataclass(frozen=True)
+class NTKPath:
+    """The path :func:`empirical_ntk` takes for a model, decided once by :func:`ntk_path`.
+
+    Attributes:
+        model: the model.
+        name: ``"structured"`` (``net`` set), ``"engine"`` (``plan`` set) or ``"generic"``.
+        net: the package's network behind the model, for the structured factors.
+        plan: the engine's plan for the probe set (:func:`~lightning_linearity.metrics.engine.ntk_plan`).
+    """
+
+    model: nn.Module
+    name: Literal["structured", "engine", "generic"]
+    net: LayeredNTKNet | None = None
+    plan: NTKPlan | None = None
+
+
+def ntk_path(model: nn.Module, x: Tensor, *, method: NTKMethod = "auto") -> NTKPath:
+    """Which path computes the NTK of ``model`` on the probe set ``x``: the one place that decides it.
+
+    ``"auto"`` takes the structured path for the package's networks, the engine for any other model it
+    can take (the plan traces the first two probe points; :func:`ntk_plan`), and the generic path
+    otherwise; ``"structured"`` and ``"engine"`` raise ``ValueError`` saying why a model does not qualify.
+    The result is the same on every DDP rank (it depends on the model and the probe set only).
+    """
+    if method not in ("auto", "structured", "engine", "generic"):
+        raise ValueError(f"method must be 'auto', 'structured', 'engine' or 'generic', got {method!r}")
+    net = structured_net(model, required=method == "structured") if method in ("auto", "structured") else None
+    if net is not None:
+        return NTKPath(model, "structured", net=net)
+    if method in ("auto", "engine"):
+        try:
+            return NTKPath(model, "engine", plan=ntk_plan(model, x))
+        except UnsupportedModel as err:
+            if method == "engine":
+                raise ValueError(
+                    f"method='engine' cannot handle this model: {err}. Use method='generic'."
+                ) from err
+    return NTKPath(model, "generic")
+
+
+def rows_of_share(compute: Callable[[Tensor], Tensor], x: Tensor, share: slice) -> Tensor:
+    """``compute(x[share])``: the rows of a share of the probe points, one per point (the convention of every
+    metric's work split, :mod:`lightning_linearity.metrics.split`).
+
+    An empty share (a DDP rank when there are fewer points than ranks) evaluates one point and keeps no
+    row, so that its (0, ...) result still has the trailing shape the all-gather needs.
+    """
+    if share.stop > share.start:
+        return compute(x[share])
+    return compute(x[:1])[:0]
+
+
+def ntk_share_rows(path: NTKPath, x: Tensor, share: slice, *, chunk_size: int | None = None) -> Tensor:
+    """The rows of the probe points ``x[share]`` (one row per point) from which :func:`ntk_from_share_rows`
+    assembles K on all of ``x``; the rows of disjoint shares, concatenated in probe order, are the rows of
+    all points (a DDP rank computes its share, an all-gather joins them).
+
+    Per path: the structured factors c_l and D_l of the share (:class:`NTKFactors`, docs/math.md 3); the
+    engine's factor rows (:func:`~lightning_linearity.metrics.engine.ntk_rows`): either way only the share's
+    probe points are backpropagated. The generic path has no factors of bounded size: its rows are the
+    row block K[x_share, x] of the cross kernel (every point's Jacobian is formed on every rank).
+    An empty share gives (0, row size) rows.
+    """
+    if path.net is not None:
+        return rows_of_share(lambda xs: structured_factors(path.net, xs).flatten(), x, share)
+    if path.plan is not None:
+        return rows_of_share(lambda xs: ntk_rows(path.model, xs, path.plan), x, share)
+
+    def block(x_rows: Tensor) -> Tensor:
+        x2 = None if x_rows.shape[0] == x.shape[0] else x  # the whole kernel: let it use the symmetry
+        kernel = empirical_ntk(path.model, x_rows, x2, method="generic", chunk_size=chunk_size)
+        return kernel.reshape(x_rows.shape[0], -1)  # rows (i, a) of K -> one row per probe point i
+
+    return rows_of_share(block, x, share)
+
+
+def ntk_from_share_rows(path: NTKPath, rows: Tensor, *, chunk_size: int | None = None) -> Tensor:
+    """K (n*k, n*k) from the rows of all n probe points (:func:`ntk_share_rows`), exactly symmetric; what
+    :func:`empirical_ntk` gives on the path ``path``.
+
+    Raises:
+        FloatingPointError: NaN or inf in K.
+    """
+    if path.net is not None:
+        factors = NTKFactors.unflatten(rows, path.net)
+        kernel = structured_kernel(path.net, factors, chunk_size=chunk_size)
+    elif path.plan is not None:
+        kernel = ntk_from_rows(path.plan, rows, chunk_size=chunk_size)
+    else:
+        side = math.isqrt(rows.numel())  # n * k
+        kernel = rows.reshape(side, side)
+        kernel = 0.5 * (kernel + kernel.T)  # the blocks of different ranks differ by rounding
+    return check_finite(kernel, "the empirical NTK")
 
 
 def _structured_ntk(net: LayeredNTKNet, x: Tensor, x2: Tensor | None, chunk_size: int | None) -> Tensor:

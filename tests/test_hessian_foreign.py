@@ -257,3 +257,15 @@ def test_the_model_is_left_untouched():
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
     assert torch.equal(torch.get_rng_state(), rng)
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+
+
+def test_a_hidden_layer_after_batchnorm_in_training_mode():
+    """layer= on the generic path with a normalisation layer in training mode: the running statistics are
+    passed as None (normalised by the probe's own statistics, nothing updated in place inside torch.func)."""
+    torch.manual_seed(5)
+    model, x = batchnorm_in_training().double(), probes(2, 3)
+    before = {name: b.clone() for name, b in model.named_buffers()}
+    values = hessian_spectral_norm(model, x, layer="2", **TIGHT)
+    assert all(torch.equal(b, before[name]) for name, b in model.named_buffers()) and model.training
+    # the reference: the dense Hessian of the flattened BatchNorm output (it updates the statistics itself)
+    torch.testing.assert_close(values, dense_hessian_norms(model[:4], x), rtol=1e-6, atol=1e-9)

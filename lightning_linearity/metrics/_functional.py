@@ -50,17 +50,19 @@ def as_2d_output(out: Tensor, n: int) -> Tensor:
     return out.reshape(n, -1)
 
 
-def model_buffers(model: nn.Module) -> Params:
+def model_buffers(model: nn.Module) -> dict[str, Tensor | None]:
     """The buffers a functional forward pass reads.
 
-    Normalisation layers in training mode update their running statistics in place during a forward
-    pass; they get private copies, so no metric changes the model's state.
+    A normalisation layer in training mode normalises by the statistics of the batch it is given and would
+    update its running statistics in place: its running statistics are passed as ``None``, so it still
+    normalises by the batch, and no metric changes the model's state or updates a tensor in place inside a
+    ``torch.func`` transform.
     """
-    buffers = dict(model.named_buffers())
+    buffers: dict[str, Tensor | None] = dict(model.named_buffers())
     for prefix, module in model.named_modules():
         if isinstance(module, _NormBase) and module.training:
-            for name, buffer in module.named_buffers(prefix=prefix):
-                buffers[name] = buffer.clone()
+            for name, _ in module.named_buffers(prefix=prefix):
+                buffers[name] = None
     return buffers
 
 

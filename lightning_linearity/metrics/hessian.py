@@ -36,19 +36,16 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
-from torch.nn.modules.batchnorm import _NormBase
 
 from lightning_linearity.metrics._chain import LinearChain, linear_chain
 from lightning_linearity.metrics._functional import (
     Params,
-    as_2d_output,
     as_layered_net,
     check_differentiable,
     check_finite,
     evaluate,
+    functional_model,
     layer_output_model,
-    model_buffers,
-    model_call,
     num_parameters,
     resolve_layer,
     trainable_parameters,
@@ -226,7 +223,7 @@ def hessian_spectral_norm(
         dim = 2 * sum(sum(form.weight.shape) for form in route.forms)  # Lanczos keeps Q and G Q
     else:
         if layer is None:
-            g = _transformable_model(model)
+            g = functional_model(model)
         else:
             g = layer_output_model(model, layer)
             with torch.no_grad():
@@ -430,23 +427,6 @@ def _structured_route(model: nn.Module, x: Tensor, layer: int | str | None, meth
     if method == "structured":
         raise ValueError(f"method='structured' cannot handle this model: {reason}. Use method='generic'.")
     return None
-
-
-def _transformable_model(model: nn.Module) -> Callable[[Params, Tensor], Tensor]:
-    """:func:`~lightning_linearity.metrics._functional.functional_model` without the running statistics of
-    normalisation layers in training mode (passed as ``None``): they normalise by the statistics of the
-    batch (one probe point here) either way, and updating a statistic in place is not allowed inside
-    ``torch.func`` transforms."""
-    tensors = model_buffers(model)
-    for prefix, module in model.named_modules():
-        if isinstance(module, _NormBase) and module.training and module.track_running_stats:
-            for name, _ in module.named_buffers(prefix=prefix):
-                tensors[name] = None
-
-    def f(params: Params, x: Tensor) -> Tensor:
-        return as_2d_output(model_call(model, {**tensors, **params}, x), x.shape[0])
-
-    return f
 
 
 def default_chunk_size(num_outputs: int, num_params: int, max_iter: int) -> int:

@@ -53,6 +53,7 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sweeps" / "hessian_m
 MIN_NEURON_SHARE, MIN_FIRST_LAYER, MIN_WIDTH = 0.5, 0.75, 128
 
 
+@torch.no_grad()
 def one_neuron_block(net, x: torch.Tensor) -> float:
     """max over first-layer neurons r and points i of the norm of the direct-path block (module docstring,
     with sigma' and sigma'' of the network's activation); NaN for an FCN (no direct edge)."""

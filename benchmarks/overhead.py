@@ -19,14 +19,26 @@ have twice the hardware. Each run is a fresh process tree; a round is timed betw
 fastest round after the first (which also takes K_0 and w_0) counts. Besides wall time, the CPU time of
 the busiest rank shows how the work divides whatever else runs on the machine, and a control measures how
 much parallelism the machine offers at that moment: two processes sharing a fixed compute job against one
-process doing all of it (0.5 with two free cores, 1.0 with one core's worth).
+process doing all of it (0.5 with two free cores, 1.0 with one core's worth), measured before and after the
+rounds, with the load average.
+
+``--model foreign`` measures a model the package does not know instead (``nn.Sequential`` 64 -> 1024 ->
+1024 -> 1024 -> 10, ReLU, square loss): the metrics take the per-module engine and the other foreign-model
+paths. ``--code DIR [DIR ...]`` imports the package from each of these checkouts in turn (e.g. the code
+before and after a change, ``git archive <commit> | tar -x -C DIR``), runs interleaved:
+
+    python benchmarks/overhead.py --part ddp --model foreign --probe-size 64 --round-steps 3 \
+        --metrics ntk kernel_change hessian_norm grad_cosines \
+        --option hessian_norm.num_points=8 --option grad_cosines.num_points=32 --code /tmp/before /tmp/after
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import itertools
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -37,8 +49,10 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.strategies import DDPStrategy
+from torch import nn
 
 from lightning_linearity.callbacks import LinearityMonitor
 from lightning_linearity.data import DigitsDataModule
@@ -106,7 +120,33 @@ def digits(args) -> DigitsDataModule:
     return DigitsDataModule(batch_size=args.batch_size, seed=0)
 
 
-def network(data: DigitsDataModule, args) -> NTKFCN:
+class ForeignMLP(pl.LightningModule):
+    """A model the package does not know: ``nn.Sequential`` in -> 1024 -> 1024 -> 1024 -> out with ReLU,
+    square loss on one-hot targets, SGD. The monitor measures it on the engine / generic paths."""
+
+    def __init__(self, in_features: int, out_features: int, lr: float) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        sizes = [in_features, *[WIDTH] * DEPTH]
+        hidden = [m for a, b in itertools.pairwise(sizes) for m in (nn.Linear(a, b), nn.ReLU())]
+        self.net = nn.Sequential(*hidden, nn.Linear(WIDTH, out_features))
+        self.lr = lr
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        out = self(x)
+        return 0.5 * (out - F.one_hot(y, out.shape[1]).to(out)).pow(2).sum(dim=1).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def network(data: DigitsDataModule, args) -> pl.LightningModule:
+    if args.model == "foreign":
+        return ForeignMLP(data.in_features, data.out_features, args.lr)
     return NTKFCN(data.in_features, data.out_features, width=WIDTH, depth=DEPTH, init_seed=0, lr=args.lr)
 
 
@@ -195,28 +235,46 @@ def parallel_control(args, iterations: int = 400) -> float:
     return slowest(iterations // 2, 2) / slowest(iterations, 1)
 
 
+def rounds_run(args, devices: int, code: str | None) -> dict:
+    """One fresh process tree of ``devices`` ranks (importing the package from ``code`` if given)."""
+    command = [sys.executable, __file__, "--ddp-round", "--devices", str(devices), "--model", args.model]
+    command += ["--steps", str(args.round_steps), "--threads", str(args.threads)]
+    command += ["--probe-size", str(args.probe_size), "--batch-size", str(args.batch_size)]
+    command += ["--lr", str(args.lr), "--metrics", *args.metrics]
+    command += [f"--option={option}" for option in args.option]
+    command += [f"--every-n-rounds={item}" for item in args.every_n_rounds]
+    env = {**os.environ, "PYTHONPATH": code} if code else None
+    out = subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout
+    run = json.loads(next(line for line in out.splitlines() if line.startswith("ROUNDS "))[7:])
+    print(f"  {code or 'this checkout'}, {devices} rank(s): {run}", file=sys.stderr, flush=True)
+    return run
+
+
 def ddp_split(args) -> None:
-    """Metric rounds on 1 rank and on 2 ranks, each a fresh process tree, and the parallelism control."""
-    runs = []
-    for devices in (1, 2):
-        command = [sys.executable, __file__, "--ddp-round", "--devices", str(devices)]
-        command += ["--steps", str(args.round_steps), "--threads", str(args.threads)]
-        command += ["--probe-size", str(args.probe_size), "--batch-size", str(args.batch_size)]
-        command += ["--lr", str(args.lr), "--metrics", *args.metrics]
-        command += [f"--option={option}" for option in args.option]
-        command += [f"--every-n-rounds={item}" for item in args.every_n_rounds]
-        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        runs.append(json.loads(next(line for line in out.splitlines() if line.startswith("ROUNDS "))[7:]))
-        print(f"  {devices} rank(s): {runs[-1]}", file=sys.stderr, flush=True)
-    # the rounds after the first (which also takes K_0 and w_0): the fastest counts
-    (wall_1, wall_2), (cpu_1, cpu_2) = ([min(run[key][1:]) for run in runs] for key in ("wall", "cpu"))
-    print(f"ddp split, one metric round, {args.threads} thread(s) per rank:")
-    print(f"  wall: 1 rank {wall_1:.2f} s, 2 ranks {wall_2:.2f} s -> ratio {wall_2 / wall_1:.2f}")
+    """Metric rounds on 1 rank and on 2 ranks, each a fresh process tree, and the parallelism control
+    (measured twice: before and after the rounds); with ``--code``, the runs of each tree interleaved."""
+    print(f"  load before: {Path('/proc/loadavg').read_text().strip()}", flush=True)
+    controls = [parallel_control(args)]
+    codes = args.code or [None]
+    runs = {(code, devices): rounds_run(args, devices, code) for devices in (1, 2) for code in codes}
+    controls.append(parallel_control(args))
+    print(f"ddp split, {args.model} model, one metric round, {args.threads} thread(s) per rank:")
+    for code in codes:
+        one, two = runs[code, 1], runs[code, 2]
+        # the rounds after the first (which also takes K_0 and w_0): the fastest counts
+        (wall_1, wall_2), (cpu_1, cpu_2) = ([min(r[key][1:]) for r in (one, two)] for key in ("wall", "cpu"))
+        print(f" {code or 'this checkout'}:")
+        print(f"  wall: 1 rank {wall_1:.2f} s, 2 ranks {wall_2:.2f} s -> ratio {wall_2 / wall_1:.2f}")
+        print(
+            f"  CPU of the busiest rank: 1 rank {cpu_1:.2f} s, 2 ranks {cpu_2:.2f} s -> "
+            f"ratio {cpu_2 / cpu_1:.2f}"
+        )
+        print(f"  per round, 1 rank: {one['stages']}; 2 ranks: {two['stages']}")
     print(
-        f"  CPU of the busiest rank: 1 rank {cpu_1:.2f} s, 2 ranks {cpu_2:.2f} s -> ratio {cpu_2 / cpu_1:.2f}"
+        f"  control: 2 processes sharing a fixed job / 1 process doing it: {controls[0]:.2f} before the "
+        f"rounds, {controls[1]:.2f} after"
     )
-    print(f"  per round, 1 rank: {runs[0]['stages']}; 2 ranks: {runs[1]['stages']}")
-    print(f"  control: 2 processes sharing a fixed job / 1 process doing it: {parallel_control(args):.2f}")
+    print(f"  load after: {Path('/proc/loadavg').read_text().strip()}")
 
 
 def main() -> None:
@@ -238,6 +296,15 @@ def main() -> None:
     parser.add_argument(
         "--round-steps", type=int, default=2, help="steps of the part 2 runs: steps + 1 rounds"
     )
+    parser.add_argument(
+        "--model",
+        choices=("ntkfcn", "foreign"),
+        default="ntkfcn",
+        help="the package's NTKFCN or a foreign MLP",
+    )
+    parser.add_argument(
+        "--code", nargs="+", default=None, help="part 2: checkouts to import the package from, interleaved"
+    )
     parser.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--ddp-round", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--control-start", type=float, default=None, help=argparse.SUPPRESS)
@@ -250,7 +317,8 @@ def main() -> None:
         control_job(args)
     else:
         print(
-            f"torch {torch.__version__}, {args.threads} thread(s), NTKFCN width {WIDTH} depth {DEPTH}, digits"
+            f"torch {torch.__version__}, {args.threads} thread(s), {args.model} width {WIDTH} depth {DEPTH}, "
+            f"digits"
         )
         print(
             f"probe {args.probe_size}, metrics (callback defaults unless given here) {metric_options(args)}, "

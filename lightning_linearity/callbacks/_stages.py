@@ -2,8 +2,11 @@
 
 A stage computes the rows of its probe points that belong to this rank (:meth:`Stage.rows`); the callback
 gathers the rows of all ranks in probe order, and :meth:`Stage.values` turns the full rows into the logged
-numbers (the same on every rank). Stages never do the maths themselves: they call the functions of
-:mod:`lightning_linearity.metrics`, whose docstrings give the formulas (docs/math.md section 2).
+numbers (the same on every rank). Stages never do the maths themselves, nor decide how it splits: each
+metric owns its work split as a pair of public functions (rows of a share; the values from all rows) in
+:mod:`lightning_linearity.metrics.ntk` and :mod:`lightning_linearity.metrics.split`, whose docstrings give
+the formulas (docs/math.md section 2). Stages schedule, keep the references (K_0, w_0, running maxima) and
+name the logged keys (:mod:`lightning_linearity.keys`).
 
 Stages and the metric names they serve:
 
@@ -14,7 +17,9 @@ stage              metric names                    logged keys (under ``linearit
                                                    ``ntk_trace``, ``pl_ratio``; ``kernel_change``,
                                                    ``kernel_change_max``
 :class:`Hessian`   ``hessian_norm``                ``hessian_norm_max``, ``hessian_norm_mean``, and per
-                                                   hidden layer ``hessian_norm_max/<layer>``, ...
+                                                   hidden layer ``hessian_norm_max/<layer>``, ...;
+                                                   ``hessian_eigenvector_share/<layer>``,
+                                                   ``hessian_eigenvector_neuron_share``
 :class:`Cosines`   ``grad_cosines``                ``grad_cosine/<layer>``
 :class:`Linear..`  ``linearization``               ``linearization_error_mean``, ``..._max``,
                                                    ``..._relative``, ``distance_from_init``
@@ -129,7 +134,8 @@ class NTKOptions:
     """Options of ``ntk`` (and of the kernel ``kernel_change`` compares).
 
     Attributes:
-        method: ``"auto"`` (structured path for the package's nets, ``torch.func`` otherwise),
+        method: ``"auto"`` (structured path for the package's nets, the per-module engine for other models
+            it takes, ``torch.func`` otherwise; :func:`~lightning_linearity.metrics.ntk.ntk_path`),
             ``"structured"`` or ``"generic"`` (see :func:`~lightning_linearity.metrics.ntk.empirical_ntk`).
         chunk_size: probe points processed at once (``None``: sized automatically).
         pl_ratio: also log the realised ratio ||grad L||^2 / (2 L) of the square loss on the probe set

@@ -2,8 +2,11 @@
 
     K[(i,a),(j,b)] = < d f_a(w; x_i)/dw , d f_b(w; x_j)/dw >        shape (n*k, n*k), index i*k + a
 
-``x2`` gives the cross kernel K[(i,a),(j,b)] with x_i from ``x`` and x_j from ``x2`` (shape (n1*k, n2*k)),
-e.g. a row block K[x_rank, x_all] when probes are split across DDP ranks.
+``x2`` gives the cross kernel K[(i,a),(j,b)] with x_i from ``x`` and x_j from ``x2`` (shape (n1*k, n2*k)).
+
+Work split (DDP): :func:`ntk_path` decides the path once (the same on every rank), :func:`ntk_share_rows`
+gives the rows of a share of the probe points (the factors of those points only, on the structured and
+engine paths), :func:`ntk_from_share_rows` K from the rows of all of them.
 
 Three paths compute the same numbers (the tests check each against an explicit Jacobian):
 

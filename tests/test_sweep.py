@@ -101,6 +101,7 @@ def test_output_folder_that_is_a_file_is_refused(tmp_path):
         ({"claims": [{"column": "kernel_change:max", "log_power": [0, 1]}]}, "need log_corrected: true"),
         ({"claims": [{"column": "kernel_change:max", "log_power": [1, 0]}]}, "log_power must be a range"),
         ({"frozen_layers": [4]}, "the network has layers 1..3"),
+        ({"frozen_layers": [1, 2, 3]}, "freezes all 3 layers"),
     ],
 )
 def test_mistakes_found_before_any_run_starts(tmp_path, monkeypatch, overrides, match):

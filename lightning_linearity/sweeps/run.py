@@ -123,7 +123,8 @@ def build_model(config: SweepConfig, width: int, seed: int, in_features: int) ->
     the layers of ``frozen_layers`` frozen (``requires_grad=False``).
 
     Raises:
-        ValueError: a frozen layer number above the network's L + 1 layers (or the model's own checks).
+        ValueError: a frozen layer number above the network's L + 1 layers, every layer frozen (or the
+            model's own checks).
     """
     kwargs = config.model_kwargs(width)
     kwargs.update(in_features=in_features, init_seed=seed, loss="mse", optimizer="sgd", momentum=0.0)
@@ -138,6 +139,8 @@ def build_model(config: SweepConfig, width: int, seed: int, in_features: int) ->
                 f"got {number}"
             )
         layers[number - 1].requires_grad_(False)
+    if len(set(config.frozen_layers)) == len(layers):
+        raise ValueError(f"frozen_layers freezes all {len(layers)} layers; leave at least one trainable")
     return model
 
 

@@ -81,7 +81,9 @@ class LinearityMonitor(Callback):
     and ``pl_ratio`` = ||grad L||^2 / (2 L) for the square loss when the probe set has targets;
     ``kernel_change``: ||K_t - K_0|| / ||K_0|| (2.3) and its running maximum ``kernel_change_max``;
     ``hessian_norm``: ``hessian_norm_max`` / ``hessian_norm_mean`` over probes and outputs of
-    ||d^2 f_a(w; x_i) / dw^2||_2 (2.4), optionally per hidden layer ``hessian_norm_max/layer_2``, ...;
+    ||d^2 f_a(w; x_i) / dw^2||_2 (2.4), optionally per hidden layer ``hessian_norm_max/layer_2``, ..., and
+    (``eigenvector_shares``, the package's networks) where the top eigenvector of the output Hessians
+    lives, ``hessian_eigenvector_share/layer_1``, ... and ``hessian_eigenvector_neuron_share``;
     ``grad_cosines``: ``grad_cosine/layer_2``, ... mean |cos| between neuron gradients (2.5);
     ``linearization``: ``linearization_error_mean`` / ``_max`` / ``_relative`` and ``distance_from_init``
     (2.6); ``kernel_regime``: ||K_t - kron(Theta, I_k)|| / ||kron(Theta, I_k)||, the distance from the
@@ -90,17 +92,18 @@ class LinearityMonitor(Callback):
     ``edge_of_stability`` = eta * sharpness / 2 and ``catapult`` = eta * lambda_max(K) / 2 (2.9).
 
     The metrics see the LightningModule itself (never the DDP wrapper): the package's networks through
-    their ``layered_net`` (fast structured paths), any other module through ``torch.func`` (generic paths;
-    name the layers for ``grad_cosines``). They run in eval mode, with autocast off, in float32 (float64
-    under ``precision="64-true"`` or with ``dtype="float64"``; a model held in another dtype is measured on a
-    cast copy), and leave the parameters, ``.grad``, optimiser state, train/eval modes and random states
-    exactly as they were.
+    their ``layered_net`` (fast structured paths), any other module through the per-module engine where it
+    applies, else ``torch.func`` (generic paths). They run in eval mode, with autocast off, in float32
+    (float64 under ``precision="64-true"`` or with ``dtype="float64"``; a model held in another dtype is
+    measured on a cast copy), and leave the parameters, ``.grad``, optimiser state, train/eval modes and
+    random states exactly as they were.
 
-    Under DDP every rank computes a share of the probe points (its row block K[x_r, X] of the NTK, the
-    Hessian norms and |cos| of its points); the strategy's all-gather puts the pieces together, so every
-    rank ends the round with the values a single process would log. Before each collective that a failure
-    could skip, the ranks agree on success, so a metric failing on one rank is skipped on all of them and
-    nobody waits forever.
+    Under DDP every rank computes a share of the probe points (the NTK factor rows of its points, the
+    Hessian norms and |cos| of its points: each metric's work split, :mod:`lightning_linearity.metrics.ntk`
+    and :mod:`lightning_linearity.metrics.split`); the strategy's all-gather puts the pieces together, so
+    every rank ends the round with the values a single process would log. Before each collective that a
+    failure could skip, the ranks agree on success, so a metric failing on one rank is skipped on all of
+    them and nobody waits forever.
 
     Args:
         metrics: names out of ``ntk``, ``kernel_change``, ``hessian_norm``, ``grad_cosines``,
@@ -109,10 +112,10 @@ class LinearityMonitor(Callback):
             Options:
             ``ntk``: ``method``, ``chunk_size``, ``pl_ratio``; ``kernel_change``: ``ord``
             (``"spectral"``/``"fro"``); ``hessian_norm``: ``num_points`` (default 1), ``tol``, ``max_iter``,
-            ``layers``, ``num_neurons``, ``method``; ``grad_cosines``: ``layers``, ``num_points``
-            (default 8), ``num_neurons`` (default 32), ``method``, ``chunk_size``; ``linearization``:
-            ``memory_budget_mb``; ``kernel_regime``: ``ord``; ``sharpness``: ``loss``, ``tol``, ``max_iter``
-            (see the option classes in :mod:`lightning_linearity.callbacks._stages`).
+            ``layers``, ``num_neurons``, ``method``, ``eigenvector_shares``; ``grad_cosines``: ``layers``,
+            ``num_points`` (default 8), ``num_neurons`` (default 32), ``method``, ``chunk_size``;
+            ``linearization``: ``memory_budget_mb``; ``kernel_regime``: ``ord``; ``sharpness``: ``loss``,
+            ``tol``, ``max_iter`` (see the option classes in :mod:`lightning_linearity.callbacks._stages`).
             To measure a costly metric less often than the others, see ``every_n_rounds``.
         every_n_steps: a round every this many optimiser steps; ``None`` for none.
         every_n_epochs: a round at the end of every this many training epochs; ``None`` (default) for none.

@@ -37,6 +37,8 @@ METRICS = {
         "eigenvector_shares": True,
     },
     "grad_cosines": {"num_points": 2, "num_neurons": 4},
+    "linearization": {},
+    "sharpness": {"tol": 1e-6},
 }
 
 
@@ -80,13 +82,14 @@ def family_setup(family: str) -> tuple[nn.Module, dict]:
         metrics["grad_cosines"] = {**METRICS["grad_cosines"], "layers": layers}
         return model, metrics
     builder = LayeredNTKNet.fcn if family == "fcn" else LayeredNTKNet.masked_dag
-    return builder(5, [12, 9], 3, bias=True, seed=0).double(), METRICS
+    return builder(5, [12, 9], 3, bias=True, seed=0).double(), {**METRICS, "kernel_regime": {}}
 
 
 @pytest.mark.parametrize("family", ["fcn", "masked_dag", "foreign", "tied"])
 def test_every_split_gives_the_single_process_values(family):
     model, metrics = family_setup(family)
-    ctx = RoundContext(model, ProbeSet(probe()), None, seed=0, take_references=True)
+    targets = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    ctx = RoundContext(model, ProbeSet(probe()), targets, seed=0, take_references=True, lr=0.1)
     for stage in build_stages(parse_metrics(metrics)):
         if family in ("foreign", "tied") and stage.name == "hessian_norm":
             with pytest.warns(UserWarning, match="eigenvector_shares is off for this run"):

@@ -55,7 +55,10 @@ from pytorch_lightning.strategies import DDPStrategy
 from torch import nn
 
 from lightning_linearity.callbacks import LinearityMonitor
+from lightning_linearity.callbacks._probe import ProbeSet
+from lightning_linearity.callbacks._stages import RoundContext, build_stages, parse_metrics
 from lightning_linearity.data import DigitsDataModule
+from lightning_linearity.metrics import as_layered_net
 from lightning_linearity.models import NTKFCN
 
 WIDTH, DEPTH = 1024, 3
@@ -250,6 +253,34 @@ def rounds_run(args, devices: int, code: str | None) -> dict:
     return run
 
 
+def work_division(args) -> tuple[float, float]:
+    """CPU seconds of a round's stages for 1 rank and for the busier of 2 ranks (rank 0's share of every
+    stage, then its values from all rows), run in this process: the work split without collectives or a
+    second process. Random probe inputs and targets; the fastest of two repeats per stage."""
+    data = digits(args)
+    model = network(data, args).eval()
+    measured = as_layered_net(model) or model
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(args.probe_size, data.in_features, generator=generator)
+    y = torch.randn(args.probe_size, data.out_features, generator=generator)
+    ctx = RoundContext(measured, ProbeSet(x), y, seed=0, take_references=False, lr=args.lr)
+    totals = [0.0, 0.0]
+    for stage in build_stages(parse_metrics(metric_options(args))):
+        stage.setup(measured, torch.float32)
+        n = stage.num_units(ctx)
+        rows = stage.rows(ctx, slice(0, n))
+        stage.values(ctx, rows)  # the references (K_0, w_0) of the first round
+        for index, ranks in enumerate((1, 2)):
+            best = float("inf")
+            for _ in range(2):
+                start = time.process_time()
+                stage.rows(ctx, slice(0, n // ranks))
+                stage.values(ctx, rows)
+                best = min(best, time.process_time() - start)
+            totals[index] += best
+    return totals[0], totals[1]
+
+
 def ddp_split(args) -> None:
     """Metric rounds on 1 rank and on 2 ranks, each a fresh process tree, and the parallelism control
     (measured twice: before and after the rounds); with ``--code``, the runs of each tree interleaved."""
@@ -258,6 +289,7 @@ def ddp_split(args) -> None:
     codes = args.code or [None]
     runs = {(code, devices): rounds_run(args, devices, code) for devices in (1, 2) for code in codes}
     controls.append(parallel_control(args))
+    one_rank, two_ranks = work_division(args)
     print(f"ddp split, {args.model} model, one metric round, {args.threads} thread(s) per rank:")
     for code in codes:
         one, two = runs[code, 1], runs[code, 2]
@@ -273,6 +305,10 @@ def ddp_split(args) -> None:
     print(
         f"  control: 2 processes sharing a fixed job / 1 process doing it: {controls[0]:.2f} before the "
         f"rounds, {controls[1]:.2f} after"
+    )
+    print(
+        f"  work division (this checkout, one process, no collectives): a round's stages take {one_rank:.2f} "
+        f"s of CPU on 1 rank, {two_ranks:.2f} s on the busier of 2 -> ratio {two_ranks / one_rank:.2f}"
     )
     print(f"  load after: {Path('/proc/loadavg').read_text().strip()}")
 

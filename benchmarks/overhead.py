@@ -55,10 +55,7 @@ from pytorch_lightning.strategies import DDPStrategy
 from torch import nn
 
 from lightning_linearity.callbacks import LinearityMonitor
-from lightning_linearity.callbacks._probe import ProbeSet
-from lightning_linearity.callbacks._stages import RoundContext, build_stages, parse_metrics
 from lightning_linearity.data import DigitsDataModule
-from lightning_linearity.metrics import as_layered_net
 from lightning_linearity.models import NTKFCN
 
 WIDTH, DEPTH = 1024, 3
@@ -257,6 +254,11 @@ def work_division(args) -> tuple[float, float]:
     """CPU seconds of a round's stages for 1 rank and for the busier of 2 ranks (rank 0's share of every
     stage, then its values from all rows), run in this process: the work split without collectives or a
     second process. Random probe inputs and targets; the fastest of two repeats per stage."""
+    # imported here: the rank processes of --code may import an older checkout without these names
+    from lightning_linearity.callbacks._probe import ProbeSet
+    from lightning_linearity.callbacks._stages import RoundContext, build_stages, parse_metrics
+    from lightning_linearity.metrics import as_layered_net
+
     data = digits(args)
     model = network(data, args).eval()
     measured = as_layered_net(model) or model

@@ -194,3 +194,25 @@ def test_the_callbacks_import_nothing_private_from_the_metrics():
         if private.search(line)
     ]
     assert not found, found
+
+
+def test_the_engine_can_be_named_for_the_kernel_and_the_cosines():
+    """method="engine" in the options of ntk and grad_cosines (the metrics with an engine route) gives what
+    "auto" picks for a foreign model; the Hessian has no engine route and refuses it at init."""
+    model, metrics = family_setup("foreign")
+    ctx = RoundContext(model, ProbeSet(probe()), None, seed=0, take_references=True)
+    values = {}
+    for method in ("auto", "engine"):
+        chosen = {"ntk": {"method": method, "pl_ratio": False}}
+        chosen["grad_cosines"] = {**metrics["grad_cosines"], "method": method}
+        values[method] = {}
+        for stage in build_stages(parse_metrics(chosen)):
+            stage.setup(model, torch.float64)
+            values[method].update(split_values(stage, ctx, 2))
+    assert values["engine"].keys() == values["auto"].keys() and len(values["auto"]) > 4
+    for key, value in values["auto"].items():
+        assert values["engine"][key] == pytest.approx(value, rel=1e-12, abs=1e-14), key
+    with pytest.raises(
+        Exception, match="hessian_norm': method must be 'auto', 'structured' or 'generic', got 'engine'"
+    ):
+        parse_metrics({"hessian_norm": {"method": "engine"}})

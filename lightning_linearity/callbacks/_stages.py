@@ -42,6 +42,8 @@ from lightning_linearity import keys
 from lightning_linearity._compat import MisconfigurationException
 from lightning_linearity.callbacks._probe import ProbeSet
 from lightning_linearity.metrics import (
+    ENGINE_METHODS,
+    EngineMethod,
     Method,
     analytic_ntk,
     as_layered_net,
@@ -136,18 +138,19 @@ class NTKOptions:
     Attributes:
         method: ``"auto"`` (structured path for the package's nets, the per-module engine for other models
             it takes, ``torch.func`` otherwise; :func:`~lightning_linearity.metrics.ntk.ntk_path`),
-            ``"structured"`` or ``"generic"`` (see :func:`~lightning_linearity.metrics.ntk.empirical_ntk`).
+            ``"structured"``, ``"engine"`` or ``"generic"`` (see
+            :func:`~lightning_linearity.metrics.ntk.empirical_ntk`).
         chunk_size: probe points processed at once (``None``: sized automatically).
         pl_ratio: also log the realised ratio ||grad L||^2 / (2 L) of the square loss on the probe set
             (docs/math.md 2.2; never below ``lambda_min``), when the probe set has targets.
     """
 
-    method: Method = "auto"
+    method: EngineMethod = "auto"
     chunk_size: int | None = None
     pl_ratio: bool = True
 
     def __post_init__(self) -> None:
-        check_method(self.method)
+        check_method(self.method, ENGINE_METHODS)
         _check_positive_int("chunk_size", self.chunk_size)
 
 
@@ -255,7 +258,8 @@ class CosineOptions:
         num_points: average over the first ``num_points`` probe points (default 8; ``None``: all of
             them). With 32 neurons, 8 points average 8 x 496 pairs per layer.
         num_neurons: neurons sampled per layer, the same subset in every round (``None``: all).
-        method: ``"auto"``, ``"structured"`` or ``"generic"``.
+        method: ``"auto"``, ``"structured"``, ``"engine"`` or ``"generic"`` (see
+            :func:`~lightning_linearity.metrics.cosines.neuron_gradient_cosines`).
         chunk_size: probe points processed at once (``None``: sized automatically).
 
     The cost grows like ``num_points * num_neurons`` times the squared width.
@@ -264,14 +268,14 @@ class CosineOptions:
     layers: tuple[Layer, ...] | None = None
     num_points: int | None = 8
     num_neurons: int | None = 32
-    method: Method = "auto"
+    method: EngineMethod = "auto"
     chunk_size: int | None = None
 
     def __post_init__(self) -> None:
         _check_positive_int("num_points", self.num_points)
         _check_positive_int("num_neurons", self.num_neurons)
         _check_positive_int("chunk_size", self.chunk_size)
-        check_method(self.method)
+        check_method(self.method, ENGINE_METHODS)
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(self.layers))
 

@@ -25,11 +25,12 @@ units, and the values from the rows of all shares: the NTK's in :mod:`lightning_
 
 Helpers for code built on the metrics (the callback): ``as_layered_net`` (the package's network behind a
 model), ``evaluate`` (f(w; x) as (n, k) with clear errors), ``resolve_layer`` (a hidden layer's submodule
-and display name), ``check_method`` and ``Method`` (the ``method`` argument of the metrics).
+and display name), ``check_method``, ``Method`` and ``EngineMethod`` (the ``method`` argument of the
+metrics; ``ENGINE_METHODS`` for those with an engine route).
 """
 
 from lightning_linearity.metrics._functional import as_layered_net, evaluate, resolve_layer
-from lightning_linearity.metrics._layered import Method, check_method
+from lightning_linearity.metrics._layered import ENGINE_METHODS, EngineMethod, Method, check_method
 from lightning_linearity.metrics._linalg import ConvergenceWarning
 from lightning_linearity.metrics.analytic import analytic_nngp, analytic_ntk
 from lightning_linearity.metrics.cosines import neuron_gradient_cosines
@@ -45,7 +46,9 @@ from lightning_linearity.metrics.pl import KernelSpectrum, kernel_spectrum, pl_r
 from lightning_linearity.metrics.sharpness import Sharpness, loss_sharpness
 
 __all__ = [
+    "ENGINE_METHODS",
     "ConvergenceWarning",
+    "EngineMethod",
     "HessianInfo",
     "KernelSpectrum",
     "LinearizationError",

@@ -20,14 +20,19 @@ from lightning_linearity.nets.layers import NTKLinear
 from lightning_linearity.nets.network import LayeredNTKNet, NetworkTrace
 
 Method = Literal["auto", "structured", "generic"]
+EngineMethod = Literal["auto", "structured", "engine", "generic"]  # metrics with a per-module engine route
+METHODS: tuple[str, ...] = ("auto", "structured", "generic")
+ENGINE_METHODS: tuple[str, ...] = ("auto", "structured", "engine", "generic")
 
 _STRUCTURED_SUBMODULES = (nn.ModuleList, NTKLinear)
 
 
-def check_method(method: str) -> None:
-    """Raise ``ValueError`` unless ``method`` is ``"auto"``, ``"structured"`` or ``"generic"``."""
-    if method not in ("auto", "structured", "generic"):
-        raise ValueError(f"method must be 'auto', 'structured' or 'generic', got {method!r}")
+def check_method(method: str, allowed: tuple[str, ...] = METHODS) -> None:
+    """Raise ``ValueError`` unless ``method`` is one of ``allowed`` (:data:`METHODS`, or
+    :data:`ENGINE_METHODS` for the metrics with an engine route: the NTK and the neuron cosines)."""
+    if not isinstance(method, str) or method not in allowed:
+        names = ", ".join(repr(name) for name in allowed[:-1]) + f" or {allowed[-1]!r}"
+        raise ValueError(f"method must be {names}, got {method!r}")
 
 
 def structured_net(model: nn.Module, *, required: bool) -> LayeredNTKNet | None:

@@ -60,7 +60,15 @@ from lightning_linearity.metrics._functional import (
     resolve_layer,
     trainable_parameters,
 )
-from lightning_linearity.metrics._layered import backpropagate, structured_net, trace_net, trainable_flags
+from lightning_linearity.metrics._layered import (
+    ENGINE_METHODS,
+    EngineMethod,
+    backpropagate,
+    check_method,
+    structured_net,
+    trace_net,
+    trainable_flags,
+)
 from lightning_linearity.metrics._linalg import chunk_slices
 from lightning_linearity.metrics.engine import neuron_gram, unless_unsupported
 from lightning_linearity.metrics.engine._ntk_linear import private_gradient_energy
@@ -70,7 +78,7 @@ from lightning_linearity.nets.network import LayeredNTKNet
 __all__ = ["PREACTIVATION_MODULES", "hidden_layers", "neuron_gradient_cosines"]
 
 Reduction = Literal["mean", "none"]
-CosineMethod = Literal["auto", "structured", "engine", "generic"]
+CosineMethod = EngineMethod
 
 #: Module types whose output is a pre-activation (an affine map of the module's input): on a foreign model,
 #: a neuron is one output entry of such a module (docs/math.md 2.7).
@@ -143,8 +151,7 @@ def neuron_gradient_cosines(
             model it cannot handle.
         FloatingPointError: NaN or inf in the model output or the gradients.
     """
-    if method not in ("auto", "structured", "engine", "generic"):
-        raise ValueError(f"method must be 'auto', 'structured', 'engine' or 'generic', got {method!r}")
+    check_method(method, ENGINE_METHODS)
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     if num_neurons is not None and (

@@ -66,7 +66,14 @@ from lightning_linearity.metrics._functional import (
     single_input_model,
     trainable_parameters,
 )
-from lightning_linearity.metrics._layered import backpropagate, structured_net, trace_net
+from lightning_linearity.metrics._layered import (
+    ENGINE_METHODS,
+    EngineMethod,
+    backpropagate,
+    check_method,
+    structured_net,
+    trace_net,
+)
 from lightning_linearity.metrics._linalg import chunk_slices
 from lightning_linearity.metrics.engine import (
     DEFAULT_CHUNK_ELEMENTS,
@@ -91,7 +98,7 @@ __all__ = [
 ]
 
 GenericImpl = Literal["jacobian", "ntk_vp"]
-NTKMethod = Literal["auto", "structured", "engine", "generic"]
+NTKMethod = EngineMethod
 
 
 def empirical_ntk(
@@ -177,8 +184,7 @@ def ntk_path(model: nn.Module, x: Tensor, *, method: NTKMethod = "auto") -> NTKP
     otherwise; ``"structured"`` and ``"engine"`` raise ``ValueError`` saying why a model does not qualify.
     The result is the same on every DDP rank (it depends on the model and the probe set only).
     """
-    if method not in ("auto", "structured", "engine", "generic"):
-        raise ValueError(f"method must be 'auto', 'structured', 'engine' or 'generic', got {method!r}")
+    check_method(method, ENGINE_METHODS)
     net = structured_net(model, required=method == "structured") if method in ("auto", "structured") else None
     if net is not None:
         return NTKPath(model, "structured", net=net)

@@ -31,7 +31,7 @@ from lightning_linearity.metrics._functional import (
     layer_output_model,
     trainable_parameters,
 )
-from lightning_linearity.metrics._layered import Method
+from lightning_linearity.metrics._layered import EngineMethod, Method
 from lightning_linearity.metrics.cosines import neuron_gradient_cosines
 from lightning_linearity.metrics.hessian import hessian_spectral_norm
 from lightning_linearity.metrics.ntk import rows_of_share
@@ -190,7 +190,7 @@ def cosine_share_rows(
     *,
     seed: int,
     num_neurons: int | None,
-    method: Method = "auto",
+    method: EngineMethod = "auto",
     chunk_size: int | None = None,
 ) -> Tensor:
     """Per probe point of ``x[share]``, the mean |cos| over the pairs of sampled neurons of ``layer``

@@ -78,11 +78,11 @@ from lightning_linearity.metrics._linalg import chunk_slices
 from lightning_linearity.metrics.engine import (
     DEFAULT_CHUNK_ELEMENTS,
     NTKPlan,
-    UnsupportedModel,
     engine_ntk,
     ntk_from_rows,
     ntk_plan,
     ntk_rows,
+    unless_unsupported,
 )
 from lightning_linearity.metrics.engine._ntk_linear import add_ntk_linear_kernel
 from lightning_linearity.nets.network import LayeredNTKNet
@@ -189,13 +189,9 @@ def ntk_path(model: nn.Module, x: Tensor, *, method: NTKMethod = "auto") -> NTKP
     if net is not None:
         return NTKPath(model, "structured", net=net)
     if method in ("auto", "engine"):
-        try:
-            return NTKPath(model, "engine", plan=ntk_plan(model, x))
-        except UnsupportedModel as err:
-            if method == "engine":
-                raise ValueError(
-                    f"method='engine' cannot handle this model: {err}. Use method='generic'."
-                ) from err
+        plan = unless_unsupported(lambda: ntk_plan(model, x), required=method == "engine")
+        if plan is not None:
+            return NTKPath(model, "engine", plan=plan)
     return NTKPath(model, "generic")
 
 

@@ -172,17 +172,36 @@ def test_columns_reproduce_their_share_of_the_full_computation(method):
     torch.testing.assert_close(hidden_part, hidden[:, [3]], rtol=1e-12, atol=0)
 
 
-def test_auto_method_takes_the_generic_path_when_parameters_are_frozen():
-    net = make_net("fcn", 2, bias=True)
-    net.layers[1].bias.requires_grad_(False)  # w excludes this bias: the structured subspace does not apply
-    x = probes(2, 4)
-    values, info = hessian_spectral_norm(net, x, return_info=True)
-    assert info.method == "generic"
-    torch.testing.assert_close(values, dense_hessian_norms(net, x), rtol=1e-6, atol=0)
-    with pytest.raises(ValueError, match=r"layers\.1 has frozen parameters.*method='generic'"):
-        hessian_spectral_norm(net, x, method="structured")
-    # a hidden layer below the frozen one still qualifies
-    assert hessian_spectral_norm(net, x, layer=1, return_info=True)[1].method == "structured"
+TIGHT = {"tol": 1e-10, "max_iter": 300}
+FROZEN = {  # which parameters of which layers (0-based index into net.layers) are not part of w
+    "first layer": {0: ("weight", "bias")},
+    "a hidden bias": {1: ("bias",)},
+    "a hidden weight, its bias trained": {1: ("weight",)},
+    "the output weight and a first-layer bias": {-1: ("weight",), 0: ("bias",)},
+}
+
+
+@pytest.mark.parametrize("family", ["fcn", "masked_dag", "from_edges"])
+@pytest.mark.parametrize("frozen", list(FROZEN))
+def test_frozen_parameters_stay_on_the_structured_path(family, frozen):
+    """The Hessian with respect to the trainable parameters only (docs/math.md 2.4): the structured subspace
+    leaves the frozen parts out of E, exact against the dense Hessian of the trainable ones."""
+    net = make_net(family, 3, bias=True)
+    for index, names in FROZEN[frozen].items():
+        for name in names:
+            getattr(net.layers[index], name).requires_grad_(False)
+    x = probes(2, net.in_features)
+    values, info = hessian_spectral_norm(net, x, return_info=True, eigenvector_shares=True, **TIGHT)
+    assert info.method == "structured"
+    torch.testing.assert_close(values, dense_hessian_norms(net, x), rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(hessian_spectral_norm(net, x, method="generic", **TIGHT), values)
+    if frozen == "first layer":  # a frozen layer holds none of the eigenvector
+        assert info.layer_shares[..., 0].abs().max() < 1e-12
+    hidden = hessian_spectral_norm(net, x, layer=2, return_info=True, **TIGHT)
+    assert hidden[1].method == "structured"
+    torch.testing.assert_close(
+        hidden[0], hessian_spectral_norm(net, x, layer=2, method="generic", **TIGHT), rtol=1e-8, atol=1e-12
+    )
 
 
 def test_foreign_sequential_model():

@@ -37,6 +37,12 @@ X_l and Y_l are also what V feeds into the two passes ((M⊙V_l) c_l + V_b,l = X
 where W̃_l = M_l ⊙ W_l and g_j = dF/dh_j. A step costs two products with each weight matrix (plus two with
 each mask) for all (probe, output) pairs at once, and the Krylov vectors have R entries, not P: no
 parameter-sized vector is ever formed. Without a mask the mask products are sums (M c^2 = ||c||^2, ...).
+
+Frozen parameters are not part of w: H is the Hessian with respect to the trainable ones, and E keeps only
+their parts. A frozen weight W_l drops the term M_l ⊙ (...) of E (c_l and q_l are taken as 0 in the
+formulas above, so X_l and Y_l hold the bias alone), a frozen bias the bias part s_l∘u_l (no +1 in G). The
+tangents still pass through the frozen layer (ż_l = s_l∘(X_l + W̃_l ċ_l), δ̇_l as above); coordinates
+that E maps to 0 span the null space of G, which Lanczos never sees.
 """
 
 from __future__ import annotations
@@ -63,8 +69,9 @@ class LayerForm:
     weight: Tensor  # W̃_l = M_l ⊙ W_l, (m, n)
     scale: Tensor | float  # s_l, (m,), or 1.0
     mask: Tensor | None  # M_l, (m, n); None when fully connected
-    bias: bool  # whether the layer has a (trainable) bias b_l
+    bias: bool  # whether the layer has a trainable bias b_l
     sources: list[tuple[int, slice]]  # (j, columns of c_l holding h_j), j >= 1
+    trainable_weight: bool = True  # whether W_l is part of w (frozen: the tangent directions leave it out)
 
 
 @dataclass(frozen=True)
@@ -83,30 +90,17 @@ class LayeredPass:
     curvatures: list[Tensor]
 
 
-def structured_hessian_blocker(net: LayeredNTKNet, top: int) -> str | None:
-    """Why the structured products cannot serve layers 1..``top`` of ``net`` (``None`` if they can)."""
-    frozen = [
-        f"layers.{l}"
-        for l, layer in enumerate(net.layers[:top])
-        if trainable_flags(layer) != (True, layer.bias is not None)
-    ]
-    if frozen:
-        return (
-            f"the structured Hessian needs every weight and bias of the layers it differentiates trainable, "
-            f"but {', '.join(frozen)} {'has' if len(frozen) == 1 else 'have'} frozen parameters"
-        )
-    return None
-
-
 def net_forms(net: LayeredNTKNet, top: int) -> list[LayerForm]:
-    """Layers 1..``top`` of the package's network: s_l = deg_l^(-1/2), its masks and connectivity."""
+    """Layers 1..``top`` of the package's network: s_l = deg_l^(-1/2), its masks and connectivity, and which
+    of its weights and biases are trainable."""
     return [
         LayerForm(
             layer.effective_weight(),
             layer.in_degree.rsqrt(),
             layer.mask,
-            layer.bias is not None,
+            trainable_flags(layer)[1],
             [(j, cols) for j, cols in source_columns(net, l) if j >= 1],
+            trainable_flags(layer)[0],
         )
         for l, layer in enumerate(net.layers[:top], start=1)
     ]
@@ -131,6 +125,7 @@ class _Layer:
     scale: Tensor | float  # s_l, (m,) or 1.0
     mask: Tensor | None  # M_l, (m, n); None when fully connected
     sources: list[tuple[int, slice]]  # (j, columns of c_l holding h_j), j >= 1
+    bias: bool  # whether b_l is trainable
     rows: _Rows
 
 
@@ -138,8 +133,8 @@ class _Layer:
 class _Rows:
     """Per-element constants of one layer (rows = batch elements)."""
 
-    c: Tensor  # c_l, (B, n)
-    q: Tensor  # s_l∘delta_l, (B, m)
+    c: Tensor  # c_l, (B, n); 0 when W_l is frozen (V_l's weight part is then 0)
+    q: Tensor  # s_l∘delta_l, (B, m); 0 when W_l is frozen
     c_energy: Tensor  # M_l c_l^2 (+1 with a bias), (B, m) or (B, 1) without a mask
     q_energy: Tensor  # M_l^T q_l^2, (B, n) or (B, 1) without a mask
     slope: Tensor | None  # sigma'(z_l) for l < top, (B, m)
@@ -167,6 +162,8 @@ class StructuredHessian:
             for l, form in enumerate(forms, start=1):
                 delta = passed.deltas[l - 1].flatten(0, 1)
                 c, q = passed.inputs[l - 1].repeat_interleave(repeat, dim=0), delta * form.scale
+                if not form.trainable_weight:  # E(u, y) keeps the bias part s∘u alone
+                    c, q = torch.zeros_like(c), torch.zeros_like(q)
                 mask = None if form.mask is None else form.mask.to(c.dtype)
                 bias = 1.0 if form.bias else 0.0
                 if mask is None:
@@ -181,7 +178,7 @@ class StructuredHessian:
                     curvature = passed.curvatures[l - 1].repeat_interleave(repeat, dim=0)
                     post = passed.posts[l - 1].flatten(0, 1)
                 rows = _Rows(c, q, c_energy, q_energy, slope, curvature, post)
-                self.layers.append(_Layer(form.weight, form.scale, mask, form.sources, rows))
+                self.layers.append(_Layer(form.weight, form.scale, mask, form.sources, form.bias, rows))
         self.sizes = [size for form in forms for size in form.weight.shape]
         self.dim = sum(self.sizes)
         self.batch = passed.deltas[0].shape[0] * repeat
@@ -295,5 +292,6 @@ class StructuredHessian:
             for layer, (u, y) in zip(self.layers, self._split(v), strict=True):
                 p, r = u * layer.scale, layer.rows
                 weight = p.unsqueeze(2) * r.c.unsqueeze(1) + r.q.unsqueeze(2) * y.unsqueeze(1)
-                out.append((weight if layer.mask is None else weight * layer.mask, p))
+                weight = weight if layer.mask is None else weight * layer.mask
+                out.append((weight, p if layer.bias else torch.zeros_like(p)))
         return out

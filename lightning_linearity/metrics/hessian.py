@@ -66,7 +66,6 @@ from lightning_linearity.metrics._structured_hessian import (
     StructuredHessian,
     net_forms,
     net_pass,
-    structured_hessian_blocker,
 )
 from lightning_linearity.nets.network import LayeredNTKNet
 
@@ -162,9 +161,10 @@ def hessian_spectral_norm(
             ``chunk_size * q * (Krylov size) * D`` numbers, D = P parameters on the generic path and
             2 R coordinates (R about 2 L m) on the structured one; ``None`` picks the largest chunk whose
             Krylov bases fit :data:`DEFAULT_KRYLOV_ELEMENTS` (at least one probe).
-        method: ``"structured"`` (the package's networks, or a chain of ``nn.Linear`` layers and elementwise
-            activations such as ``nn.Sequential(nn.Linear, nn.ReLU, ..., nn.Linear)``, every weight and bias
-            of the layers differentiated trainable; a one-line ``ValueError`` saying why not otherwise),
+        method: ``"structured"`` (the package's networks, frozen layers included; or a chain of
+            ``nn.Linear`` layers and elementwise activations such as ``nn.Sequential(nn.Linear, nn.ReLU, ...,
+            nn.Linear)`` with every weight and bias trainable; a one-line ``ValueError`` saying why not
+            otherwise),
             ``"generic"`` (any module; the independent reference) or ``"auto"`` (structured when possible,
             else generic). On a chain, ``layer`` naming one of its ``nn.Linear`` modules, ``columns``,
             ``chunk_size``, ``return_info`` and ``eigenvector_shares`` take the structured path too; a
@@ -407,10 +407,8 @@ def _structured_route(model: nn.Module, x: Tensor, layer: int | str | None, meth
         if net is None:
             return None
         top = net.depth + 1 if layer is None else net.resolve_hidden_layer(layer)
-        reason = structured_hessian_blocker(net, top)
-        if reason is None:
-            width = net.out_features if layer is None else net.hidden_widths[top - 1]
-            return _Route(net_forms(net, top), partial(net_pass, net), top, width, lambda energies: energies)
+        width = net.out_features if layer is None else net.hidden_widths[top - 1]
+        return _Route(net_forms(net, top), partial(net_pass, net), top, width, lambda energies: energies)
     else:
         chain = linear_chain(model, x)
         if isinstance(chain, str):

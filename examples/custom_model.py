@@ -1,11 +1,13 @@
-"""LinearityMonitor on a model that is not one of the package's: the generic ``torch.func`` path.
+"""LinearityMonitor on a model that is not one of the package's: the per-module engine.
 
 The network here is a plain PyTorch MLP (``nn.Linear`` layers in PyTorch's standard parameterisation
 and default initialisation) inside an ordinary LightningModule trained with cross-entropy. Nothing in it
-knows about the package: the monitor differentiates it with ``torch.func`` (Jacobian contractions for the
-NTK and the neuron-gradient Grams, one jvp for the linearisation). The only thing it has
-to be told is which submodules output the pre-activations whose neuron gradients should be compared
-(``grad_cosines``' ``layers``: here the two hidden ``nn.Linear`` modules).
+knows about the package: the monitor differentiates it with the per-module derivative rules of
+``lightning_linearity.metrics.engine`` (docs/math.md 3: the NTK and the neuron-gradient Grams from one
+forward and one backward pass, no per-sample Jacobian) and one jvp for the linearisation; models the engine
+cannot take get the generic ``torch.func`` path. Here the cosines are told which submodules output the
+pre-activations whose neuron gradients should be compared (``grad_cosines``' ``layers``: the two hidden
+``nn.Linear`` modules; without it the monitor picks hidden layers itself).
 
     python examples/custom_model.py [--width 256] [--max-steps 60] [--every 30]
 
@@ -25,6 +27,7 @@ from torch import nn
 
 from lightning_linearity.callbacks import LinearityMonitor
 from lightning_linearity.data import DigitsDataModule
+from lightning_linearity.metrics.ntk import ntk_path
 
 HIDDEN_LAYERS = ["features.0", "features.2"]  # the nn.Linear modules: their outputs are pre-activations
 COLUMNS = {
@@ -85,9 +88,11 @@ def main() -> None:
         enable_model_summary=False,
         enable_checkpointing=False,
     )
-    trainer.fit(PlainMLP(args.width), datamodule=DigitsDataModule(batch_size=64, seed=0))
+    model = PlainMLP(args.width)
+    trainer.fit(model, datamodule=DigitsDataModule(batch_size=64, seed=0))
 
-    print(f"\nPlain MLP of width {args.width} (generic torch.func path), 16 probe digits:")
+    path = ntk_path(model, torch.zeros(2, 64)).name
+    print(f"\nPlain MLP of width {args.width} (the NTK on the {path} path), 16 probe digits:")
     print(f"{'step':>5}  " + "  ".join(f"{title:>18}" for title in COLUMNS.values()))
     for row in monitor.history:
         cells = (row.get(f"linearity/{key}", float("nan")) for key in COLUMNS)
@@ -96,7 +101,7 @@ def main() -> None:
     print(
         f"Adam moved this standard-parameterisation MLP {last['linearity/distance_from_init']:.3g} from its "
         f"initial weights and changed its NTK by {last['linearity/kernel_change']:.3g} times its norm:\n"
-        "at this width it is far from the kernel regime; the generic path measured it all the same."
+        f"at this width it is far from the kernel regime; the {path} path measured it all the same."
     )
     print(f"metrics.csv and plots in {trainer.loggers[0].log_dir}")
 

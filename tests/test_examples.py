@@ -43,7 +43,7 @@ def test_quickstart_shows_the_wide_network_closer_to_linear(tmp_path):
     assert (tmp_path / "width_256" / "version_0" / "linearity_curves.png").is_file()
 
 
-def test_custom_model_is_measured_through_the_generic_path(tmp_path):
+def test_custom_model_is_measured_through_the_engine(tmp_path):
     out = run_example(
         "custom_model.py", "--width", "32", "--max-steps", "4", "--every", "2", "--root", str(tmp_path)
     )
@@ -52,7 +52,7 @@ def test_custom_model_is_measured_through_the_generic_path(tmp_path):
     assert sorted(rows) == [0, 2, 4]
     assert rows[0][:3] == [0.0, 0.0, 0.0]  # at w_0: no distance, no kernel change, f == f_lin
     assert rows[4][0] > 0 and rows[4][1] > 0
-    assert "generic path" in out
+    assert "the NTK on the engine path" in out
 
 
 def test_cnn_example_gets_every_default_metric_under_the_lightning_namespace(tmp_path):

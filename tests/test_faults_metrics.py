@@ -196,6 +196,11 @@ METRIC_BAD = [
         ValueError,
         "y has dtype torch.complex64",
     ),
+    (
+        lambda n: square_loss_targets(torch.tensor([[NAN], [1.0]]), torch.zeros(2, 1)),
+        ValueError,
+        "y has 1 NaN or inf targets; drop those points or impute their targets",
+    ),
     # pl_ratio
     (
         lambda n: pl_ratio(n, torch.zeros(0, 3), torch.zeros(0, 2)),

@@ -37,7 +37,7 @@ def square_loss_targets(y: Tensor, out: Tensor) -> Tensor:
 
     Raises:
         ValueError: labels that do not fit the outputs, targets of another size than the outputs, boolean
-            or complex targets, or ``out`` that is not an (n, k) tensor.
+            or complex targets, NaN or inf targets, or ``out`` that is not an (n, k) tensor.
     """
     for name, value in (("y", y), ("out", out)):
         if not isinstance(value, Tensor):
@@ -51,6 +51,9 @@ def square_loss_targets(y: Tensor, out: Tensor) -> Tensor:
             raise ValueError(
                 f"targets of shape {tuple(y.shape)} do not match outputs of shape {tuple(out.shape)}"
             )
+        if not torch.isfinite(y).all():
+            bad = int((~torch.isfinite(y)).sum())
+            raise ValueError(f"y has {bad} NaN or inf targets; drop those points or impute their targets")
         return y.reshape(out.shape).to(out.dtype)
     if y.numel() != out.shape[0]:
         raise ValueError(f"class labels of shape {tuple(y.shape)} for outputs of shape {tuple(out.shape)}")

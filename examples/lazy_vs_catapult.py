@@ -39,20 +39,17 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from lightning_linearity import NTKFCN, LinearityMonitor
 from lightning_linearity.data import DigitsDataModule
-from lightning_linearity.keys import CATAPULT, EDGE_OF_STABILITY, KERNEL_CHANGE, LAMBDA_MAX, logged
+from lightning_linearity.keys import CATAPULT, EDGE_OF_STABILITY, KERNEL_CHANGE, logged
 from lightning_linearity.metrics import empirical_ntk
 from lightning_linearity.plots import comparison_figure, metric_series
 
 #: Rounds between two measurements of the loss sharpness (the NTK is measured at every step).
 SHARPNESS_EVERY = 5
 LOSS = "loss"
-#: eta * lambda_max(K) / 2 at every step, from the logged lambda_max (the monitor's ``catapult`` is the same
-#: value, logged with the sharpness every SHARPNESS_EVERY rounds).
-STEP_RATIO = "eta_lambda_max"
-PANELS = (LOSS, STEP_RATIO, logged(KERNEL_CHANGE))
+PANELS = (LOSS, logged(CATAPULT), logged(KERNEL_CHANGE))
 TITLES = {
     LOSS: "training loss  ½ Σ (f - y)²",
-    STEP_RATIO: "η · λ_max(K) / 2  (catapult above 1)",
+    logged(CATAPULT): "η · λ_max(K) / 2  (catapult above 1)",
     logged(KERNEL_CHANGE): "kernel change  ‖K_t - K_0‖ / ‖K_0‖",
 }
 COLUMNS = (
@@ -109,12 +106,11 @@ class Run:
         """The plotted curves: loss, eta * lambda_max(K) / 2 and the kernel change against the step."""
         logged_series = metric_series(self.history)
         steps = np.array(sorted(self.losses))
-        lambda_steps, lambda_max = logged_series[logged(LAMBDA_MAX)]
         change_steps, change = logged_series[logged(KERNEL_CHANGE)]
         moved = change > 0  # not step 0, where K is K_0: the change is drawn on a log axis
         return {
             LOSS: (steps, np.array([self.losses[s] for s in steps])),
-            STEP_RATIO: (lambda_steps, self.eta * lambda_max / 2),
+            logged(CATAPULT): logged_series[logged(CATAPULT)],  # logged by ntk at every step
             logged(KERNEL_CHANGE): (change_steps[moved], change[moved]),
         }
 
@@ -192,7 +188,7 @@ def plot(runs: list[Run], path: Path) -> None:
         {run.label: run.series() for run in runs},
         PANELS,
         titles=TITLES,
-        reference_lines={STEP_RATIO: 1.0},
+        reference_lines={logged(CATAPULT): 1.0},
         styles={run.label: {"color": colours[run.regime], "linestyle": dashes[run.width]} for run in runs},
         suptitle="Same network, small vs large step: lazy training vs the catapult",
     )

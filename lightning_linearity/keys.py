@@ -27,7 +27,8 @@ name (under ``linearity/``)        metric              what (docs/math.md)
 ``sharpness``                      ``sharpness``       top eigenvalue of the loss Hessian on the probes (2.9)
 ``sharpness_gauss_newton``         ``sharpness``       top eigenvalue of its Gauss-Newton part
 ``edge_of_stability``              ``sharpness``       eta * sharpness / 2 (unstable above 1)
-``catapult``                       ``sharpness``       eta * lambda_max(K) / 2 (catapult regime above 1)
+``catapult``                       ``ntk``, or         eta * lambda_max(K) / 2 (catapult regime above 1)
+                                   ``sharpness``
 ``seconds/<stage>``                (every round)       wall time of each part of the round
 ``overhead``                       (every round)       the monitor's share of the wall time so far
 =================================  ==================  ===============================================

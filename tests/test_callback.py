@@ -46,6 +46,7 @@ KEYS = [
     "condition_number",
     "ntk_trace",
     "pl_ratio",
+    "catapult",  # lr * lambda_max(K) / 2: the ntk knows the optimiser's step size
     "kernel_change",
     "kernel_change_max",
     "hessian_norm_max",

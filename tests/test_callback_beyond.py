@@ -73,6 +73,24 @@ def test_sharpness_without_targets_only_warns(tmp_path):
     assert all("linearity/lambda_min" in row and "linearity/sharpness" not in row for row in monitor.history)
 
 
+def test_catapult_comes_from_the_ntk_whenever_the_step_size_is_known(tmp_path):
+    """lr * lambda_max(K) / 2 in every ntk round; with sharpness in the same run the ntk's value is the one
+    logged; sharpness with the cross-entropy (Gauss-Newton top is not lambda_max(K)) logs none itself."""
+    torch.manual_seed(0)
+    both = make_monitor(
+        {"ntk": {}, "sharpness": {"tol": 1e-8}}, every_n_steps=1, probe_size=8, dtype="float64"
+    )
+    trainer(tmp_path, [both], max_steps=2, logger=False).fit(Scheduled(), loader())
+    for row in both.history:
+        lr = 0.2 * 0.5 ** row["step"]
+        assert row["linearity/catapult"] == pytest.approx(lr * row["linearity/lambda_max"] / 2, rel=1e-12)
+        assert row["linearity/catapult"] == pytest.approx(lr * row["linearity/sharpness_gauss_newton"] / 2)
+    cross_entropy = make_monitor({"sharpness": {"loss": "cross_entropy"}}, every_n_steps=1, probe_size=8)
+    trainer(tmp_path, [cross_entropy], max_steps=1, logger=False).fit(Scheduled(), loader())
+    rows = cross_entropy.history
+    assert all("linearity/edge_of_stability" in row and "linearity/catapult" not in row for row in rows)
+
+
 def test_hessian_eigenvector_shares_are_logged_each_round_for_the_package_nets(tmp_path):
     options = {"hessian_norm": {"eigenvector_shares": True, "tol": 1e-3}}
     monitor = make_monitor(options, every_n_steps=2, probe_size=4, dtype="float64")

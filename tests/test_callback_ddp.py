@@ -17,7 +17,7 @@ from lightning_linearity.keys import is_timing
 
 HELPER = Path(__file__).with_name("ddp_linearity_run.py")
 FAIL_RANK, FAIL_STEP, FAIL_VALUES_STEP = 1, 2, 4
-KERNEL_KEYS = ("lambda", "condition_number", "ntk_trace", "pl_ratio", "kernel_change")
+KERNEL_KEYS = ("lambda", "condition_number", "ntk_trace", "pl_ratio", "kernel_change", "catapult")
 STEPS = list(range(0, MAX_STEPS + 1, EVERY_N_STEPS))
 
 pytestmark = pytest.mark.slow

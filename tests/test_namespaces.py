@@ -55,6 +55,7 @@ DEFAULT_KEYS = {
     "linearity/condition_number",
     "linearity/ntk_trace",
     "linearity/pl_ratio",
+    "linearity/catapult",
     "linearity/kernel_change",
     "linearity/kernel_change_max",
     "linearity/hessian_norm_max",

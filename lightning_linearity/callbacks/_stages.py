@@ -479,6 +479,8 @@ class Kernel(Stage):
             values[keys.LAMBDA_MAX] = float(spectrum.lambda_max)
             values[keys.CONDITION_NUMBER] = float(spectrum.condition_number)
             values[keys.NTK_TRACE] = float(spectrum.trace)
+            if ctx.lr is not None:  # the catapult indicator of docs/math.md 2.9, every round K is measured
+                values[keys.CATAPULT] = ctx.lr * values[keys.LAMBDA_MAX] / 2
             if self.ntk.pl_ratio and ctx.targets is not None:
                 values[keys.PL_RATIO] = float(pl_ratio(ctx.model, ctx.probe.x, ctx.targets))
         if self.regime is not None:
@@ -693,9 +695,12 @@ class Sharpness(Stage):
     """The loss sharpness on the probe set (docs/math.md 2.9), computed whole on every rank: the top
     eigenvalue of d^2 L / dw^2 and of its Gauss-Newton part, and both against the current step size eta:
     ``edge_of_stability`` = eta * sharpness / 2 (gradient descent is unstable above 1) and ``catapult`` =
-    eta * lambda_max(K) / 2 for the square loss (above 1 at initialisation: the catapult regime)."""
+    eta * lambda_max(K) / 2 (above 1 at initialisation: the catapult regime). ``catapult`` comes from the
+    ``ntk`` stage when ``ntk`` is measured; otherwise from here, for the square loss, whose Gauss-Newton
+    top is lambda_max(K) of the probe set (for the cross-entropy it is not: no ``catapult`` from here)."""
 
     options: SharpnessOptions
+    catapult: bool = True  # log ``catapult`` (False when the ``ntk`` stage logs it)
     metrics: tuple[str, ...] = ("sharpness",)
     name: str = "sharpness"
 
@@ -724,7 +729,8 @@ class Sharpness(Stage):
         }
         if ctx.lr is not None:
             values[keys.EDGE_OF_STABILITY] = ctx.lr * values[keys.SHARPNESS] / 2
-            values[keys.CATAPULT] = ctx.lr * values[keys.SHARPNESS_GAUSS_NEWTON] / 2
+            if self.catapult and opts.loss == "mse":
+                values[keys.CATAPULT] = ctx.lr * values[keys.SHARPNESS_GAUSS_NEWTON] / 2
         return values
 
 
@@ -740,5 +746,5 @@ def build_stages(options: Mapping[str, Any]) -> list[Stage]:
     if "linearization" in options:
         stages.append(Linearization(options["linearization"]))
     if "sharpness" in options:
-        stages.append(Sharpness(options["sharpness"]))
+        stages.append(Sharpness(options["sharpness"], catapult="ntk" not in options))
     return stages

@@ -89,7 +89,8 @@ class LinearityMonitor(Callback):
     (2.6); ``kernel_regime``: ||K_t - kron(Theta, I_k)|| / ||kron(Theta, I_k)||, the distance from the
     infinite-width NTK (2.8; the package's networks); ``sharpness``: the top eigenvalue of the loss Hessian
     on the probe set, of its Gauss-Newton part, and against the optimiser's current step size eta,
-    ``edge_of_stability`` = eta * sharpness / 2 and ``catapult`` = eta * lambda_max(K) / 2 (2.9).
+    ``edge_of_stability`` = eta * sharpness / 2 and ``catapult`` = eta * lambda_max(K) / 2 (2.9; ``catapult``
+    is also logged by ``ntk`` whenever the optimiser's step size is known).
 
     The metrics see the LightningModule itself (never the DDP wrapper): the package's networks through
     their ``layered_net`` (fast structured paths), any other module through the per-module engine where it

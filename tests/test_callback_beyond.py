@@ -85,10 +85,51 @@ def test_catapult_comes_from_the_ntk_whenever_the_step_size_is_known(tmp_path):
         lr = 0.2 * 0.5 ** row["step"]
         assert row["linearity/catapult"] == pytest.approx(lr * row["linearity/lambda_max"] / 2, rel=1e-12)
         assert row["linearity/catapult"] == pytest.approx(lr * row["linearity/sharpness_gauss_newton"] / 2)
-    cross_entropy = make_monitor({"sharpness": {"loss": "cross_entropy"}}, every_n_steps=1, probe_size=8)
+    labels = torch.arange(8) % 2  # class labels of the model's two outputs, for the cross-entropy
+    probe = (dataset().tensors[0][:8], labels)
+    cross_entropy = make_monitor({"sharpness": {"loss": "cross_entropy"}}, every_n_steps=1, probe_data=probe)
     trainer(tmp_path, [cross_entropy], max_steps=1, logger=False).fit(Scheduled(), loader())
     rows = cross_entropy.history
+    assert [row["step"] for row in rows] == [0, 1]
     assert all("linearity/edge_of_stability" in row and "linearity/catapult" not in row for row in rows)
+
+
+class Momentum(ForeignMLP):
+    def __init__(self, optimizer):
+        super().__init__()
+        self.make = optimizer
+
+    def configure_optimizers(self):
+        return self.make(self.parameters())
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "eta"),
+    [
+        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), 0.1 / 1.9),
+        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.5, dampening=0.5), 0.1 * 0.5 / 1.5),
+        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True), 0.1 * 2.8 / 1.9),
+        (lambda p: torch.optim.Adam(p, lr=0.1), None),
+    ],
+)
+def test_the_indicators_use_the_step_of_gradient_descent_with_the_optimisers_threshold(
+    tmp_path, optimizer, eta
+):
+    """Heavy-ball momentum beta is stable while lr (1 - d) lambda < 2 (1 + beta), Nesterov's while
+    lr lambda < 2 (1 + beta) / (1 + 2 beta) (docs/math.md 2.9): the indicators are 1 at that threshold.
+    Adam has none: no indicator (and one warning when sharpness is asked for)."""
+    monitor = make_monitor({"ntk": {}, "sharpness": {}}, every_n_steps=1, probe_size=8)
+    if eta is None:
+        with pytest.warns(UserWarning, match="edge_of_stability and catapult are not logged"):
+            trainer(tmp_path, [monitor], max_steps=1, logger=False).fit(Momentum(optimizer), loader())
+    else:
+        trainer(tmp_path, [monitor], max_steps=1, logger=False).fit(Momentum(optimizer), loader())
+    row = monitor.history[0]  # step 0: the optimiser's settings before any step
+    if eta is None:
+        assert "linearity/catapult" not in row and "linearity/edge_of_stability" not in row
+        return
+    assert row["linearity/catapult"] == pytest.approx(eta * row["linearity/lambda_max"] / 2, rel=1e-6)
+    assert row["linearity/edge_of_stability"] == pytest.approx(eta * row["linearity/sharpness"] / 2, rel=1e-6)
 
 
 def test_hessian_eigenvector_shares_are_logged_each_round_for_the_package_nets(tmp_path):

@@ -86,7 +86,9 @@ class RoundContext:
             after it (that round failed) takes it in its next successful round and says from which step
             its values count.
         step: the global step of the round.
-        lr: the optimiser's current step size (its first parameter group), ``None`` without an optimiser.
+        lr: the step size eta of plain gradient descent that is stable on the same curvatures as the
+            optimiser's current step (docs/math.md 2.9: its lr for SGD, scaled for momentum), ``None``
+            without an optimiser or for one with no such threshold (Adam and the like).
     """
 
     model: nn.Module
@@ -727,7 +729,13 @@ class Sharpness(Stage):
             keys.SHARPNESS: float(measured.eigenvalues[0]),
             keys.SHARPNESS_GAUSS_NEWTON: float(measured.gauss_newton_max),
         }
-        if ctx.lr is not None:
+        if ctx.lr is None:  # shown once (the message does not change)
+            warnings.warn(
+                "LinearityMonitor: edge_of_stability and catapult are not logged: they need the step size of "
+                "an SGD optimiser (adaptive optimisers have no stability threshold in it, docs/math.md 2.9)",
+                stacklevel=2,
+            )
+        else:
             values[keys.EDGE_OF_STABILITY] = ctx.lr * values[keys.SHARPNESS] / 2
             if self.catapult and opts.loss == "mse":
                 values[keys.CATAPULT] = ctx.lr * values[keys.SHARPNESS_GAUSS_NEWTON] / 2

@@ -88,7 +88,8 @@ class LinearityMonitor(Callback):
     ``linearization``: ``linearization_error_mean`` / ``_max`` / ``_relative`` and ``distance_from_init``
     (2.6); ``kernel_regime``: ||K_t - kron(Theta, I_k)|| / ||kron(Theta, I_k)||, the distance from the
     infinite-width NTK (2.8; the package's networks); ``sharpness``: the top eigenvalue of the loss Hessian
-    on the probe set, of its Gauss-Newton part, and against the optimiser's current step size eta,
+    on the probe set, of its Gauss-Newton part, and against the optimiser's current step size eta (SGD;
+    divided by 1 + beta with momentum beta: the step of plain gradient descent with the same threshold),
     ``edge_of_stability`` = eta * sharpness / 2 and ``catapult`` = eta * lambda_max(K) / 2 (2.9; ``catapult``
     is also logged by ``ntk`` whenever the optimiser's step size is known).
 
@@ -686,12 +687,21 @@ class LinearityMonitor(Callback):
 
 
 def _lr(trainer: pl.Trainer) -> float | None:
-    """The current step size of the trainer's first optimiser (its first parameter group), if any."""
+    """The step size eta of plain gradient descent with the stability threshold of the trainer's first
+    optimiser (its first parameter group), docs/math.md 2.9: ``lr`` for SGD without momentum,
+    lr (1 - dampening) / (1 + beta) with heavy-ball momentum beta, lr (1 + 2 beta) / (1 + beta) with
+    Nesterov's; ``None`` for other optimisers (Adam has no threshold in its step size alone) or none."""
     optimizers = getattr(trainer, "optimizers", None) or []
     try:
-        return float(optimizers[0].param_groups[0]["lr"])
-    except (IndexError, KeyError, TypeError, ValueError):
+        optimizer, group = optimizers[0], optimizers[0].param_groups[0]
+        if not isinstance(optimizer, torch.optim.SGD):
+            return None
+        lr, beta = float(group["lr"]), float(group.get("momentum", 0.0))
+    except (IndexError, KeyError, TypeError, ValueError, AttributeError):
         return None
+    if group.get("nesterov", False):
+        return lr * (1 + 2 * beta) / (1 + beta)
+    return lr * (1 - float(group.get("dampening", 0.0))) / (1 + beta)
 
 
 def _check_strategy(strategy: Strategy) -> None:

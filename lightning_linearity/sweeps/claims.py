@@ -13,6 +13,10 @@ A claim in a sweep config names a metric column and one or more tests:
     the sweep's ``reference_slope``, lies in [low, high] (needs ``log_corrected: true``).
 
 plus ``paper``: the claim in words, with its source.
+
+``slope`` and ``log_power`` read the fits against the sweep's ``fit_against`` width; ``decreasing`` and
+``min_width`` read the swept width m (the config's ``widths``), whatever ``fit_against`` says: per-width means
+group the runs of one setting, whose minimum in-degree differs from seed to seed on random masks.
 """
 
 from __future__ import annotations

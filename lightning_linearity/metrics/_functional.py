@@ -82,22 +82,23 @@ def tied_names(model: nn.Module) -> dict[str, str]:
     return names
 
 
-def model_call(model: nn.Module, tensors: Params, x: Tensor) -> Tensor:
-    """``model(x)`` with ``tensors`` (first names, see :func:`tied_names`) in place of its own.
+def model_call(model: nn.Module, aliases: dict[str, str], tensors: Params, x: Tensor) -> Tensor:
+    """``model(x)`` with ``tensors`` (first names) in place of its own; ``aliases`` is
+    :func:`tied_names` of the model, taken once by the caller (not in every forward pass).
 
     Every alias of a tied tensor gets the replacement, and ``functional_call`` runs with
     ``tie_weights=False``: with True, a module used twice keeps a plain tensor for its weight afterwards.
     """
-    every = {alias: tensors[name] for alias, name in tied_names(model).items() if name in tensors}
+    every = {alias: tensors[name] for alias, name in aliases.items() if name in tensors}
     return functional_call(model, every, (x,), tie_weights=False)
 
 
 def functional_model(model: nn.Module) -> Callable[[Params, Tensor], Tensor]:
     """``f(params, x) -> (n, k)``: the model evaluated at ``params`` (see :func:`model_buffers`)."""
-    buffers = model_buffers(model)
+    buffers, aliases = model_buffers(model), tied_names(model)
 
     def f(params: Params, x: Tensor) -> Tensor:
-        return as_2d_output(model_call(model, {**buffers, **params}, x), x.shape[0])
+        return as_2d_output(model_call(model, aliases, {**buffers, **params}, x), x.shape[0])
 
     return f
 
@@ -212,13 +213,13 @@ def layer_output_model(model: nn.Module, layer: int | str) -> Callable[[Params, 
     """
     qualified, _ = resolve_layer(model, layer)
     module = model.get_submodule(qualified)
-    buffers = model_buffers(model)
+    buffers, aliases = model_buffers(model), tied_names(model)
 
     def g(params: Params, x: Tensor) -> Tensor:
         captured: list[Tensor] = []
         handle = module.register_forward_hook(lambda _m, _i, out: captured.append(out))
         try:
-            model_call(model, {**buffers, **params}, x)
+            model_call(model, aliases, {**buffers, **params}, x)
         finally:
             handle.remove()
         if len(captured) != 1:

@@ -44,7 +44,6 @@ from lightning_linearity.metrics._functional import functional_model, trainable_
 from lightning_linearity.metrics._structured_hessian import LayeredPass, LayerForm, StructuredHessian
 from lightning_linearity.nets.activations import ACTIVATIONS, Activation
 
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _TANH_GELU_SCALE, _TANH_GELU_CUBIC = math.sqrt(2.0 / math.pi), 0.044715
 
 

@@ -90,6 +90,11 @@ class LayeredPass:
     curvatures: list[Tensor]
 
 
+def coordinate_count(forms: Sequence[LayerForm]) -> int:
+    """R = sum_l (m_l + n_l): the coordinates (u_l, y_l) of the subspace the products live in."""
+    return sum(sum(form.weight.shape) for form in forms)
+
+
 def net_forms(net: LayeredNTKNet, top: int) -> list[LayerForm]:
     """Layers 1..``top`` of the package's network: s_l = deg_l^(-1/2), its masks and connectivity, and which
     of its weights and biases are trainable."""
@@ -180,7 +185,7 @@ class StructuredHessian:
                 rows = _Rows(c, q, c_energy, q_energy, slope, curvature, post)
                 self.layers.append(_Layer(form.weight, form.scale, mask, form.sources, form.bias, rows))
         self.sizes = [size for form in forms for size in form.weight.shape]
-        self.dim = sum(self.sizes)
+        self.dim = coordinate_count(forms)
         self.batch = passed.deltas[0].shape[0] * repeat
         self._selected: tuple[Tensor, list[_Rows]] | None = None
 

@@ -64,6 +64,7 @@ from lightning_linearity.metrics._structured_hessian import (
     LayeredPass,
     LayerForm,
     StructuredHessian,
+    coordinate_count,
     net_forms,
     net_pass,
 )
@@ -220,7 +221,7 @@ def hessian_spectral_norm(
 
             return operator.matvec, operator.gram, operator.dim, energies
 
-        dim = 2 * sum(sum(form.weight.shape) for form in route.forms)  # Lanczos keeps Q and G Q
+        dim = 2 * coordinate_count(route.forms)  # Lanczos keeps Q and G Q
     else:
         if layer is None:
             g = functional_model(model)

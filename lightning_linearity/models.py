@@ -25,6 +25,7 @@ from torchmetrics import MeanSquaredError
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_linearity._compat import LightningModule
+from lightning_linearity._text import short_repr
 from lightning_linearity.metrics.pl import square_loss_targets
 from lightning_linearity.nets import LayeredNTKNet
 from lightning_linearity.nets.network import Connectivity
@@ -43,11 +44,13 @@ def hidden_widths(width: int, depth: int, widths: Sequence[int] | None) -> list[
         if isinstance(widths, np.ndarray) and widths.ndim == 1:
             widths = widths.tolist()
         if not isinstance(widths, list | tuple) or len(widths) == 0:
-            raise ValueError(f"widths must be a non-empty list of positive integers, got {widths!r}")
+            raise ValueError(
+                f"widths must be a non-empty list of positive integers, got {short_repr(widths)}"
+            )
         return list(widths)
     for name, value in (("width", width), ("depth", depth)):
         if not _is_int(value) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            raise ValueError(f"{name} must be a positive integer, got {short_repr(value)}")
     return [int(width)] * int(depth)
 
 
@@ -56,7 +59,7 @@ def _check_rate(name: str, value: object, *, low: float, high: float, strict: bo
     real = int | float | np.integer | np.floating
     number = isinstance(value, real) and not isinstance(value, bool | np.bool_)
     if not number or not (low < value if strict else low <= value) or not value < high:
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
+        raise ValueError(f"{name} must be {expected}, got {short_repr(value)}")
     return float(value)
 
 
@@ -108,9 +111,9 @@ class LinearityModule(LightningModule):
     ):
         super().__init__()
         if not isinstance(loss, str) or loss not in ("mse", "cross_entropy"):
-            raise ValueError(f"loss must be 'mse' or 'cross_entropy', got {loss!r}")
+            raise ValueError(f"loss must be 'mse' or 'cross_entropy', got {short_repr(loss)}")
         if not isinstance(optimizer, str) or optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
+            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {short_repr(optimizer)}")
         positive = "positive and finite (a float)"
         lr = _check_rate("lr", lr, low=0, high=math.inf, strict=True, expected=positive)
         unit = "a float in [0, 1)"

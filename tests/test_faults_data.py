@@ -142,6 +142,12 @@ PER_MODULE_BAD = [
     # tensor
     (lambda c: TensorDataModule(path=5), "path must be a file path \\(str\\), got 5"),
     (lambda c: TensorDataModule(path=["d.npz"]), r"path must be a file path \(str\), got \['d.npz'\]"),
+    (lambda c: TensorDataModule(torch.zeros(5, 1, 8, 8)), r"pass in-memory data as x=\.\.\., y=\.\.\."),
+    # a value whose repr spans lines (an array) is shown on one line, cut at 200 characters
+    (
+        lambda c: GaussianDataModule(noise=np.zeros((40, 40))),
+        r"noise must be .*, got array\(\[\[0\., .*\.\.\.$",
+    ),
     (lambda c: TensorDataModule(x=X3, y=Y3, classes=3), "classes must be a non-empty list of labels, got 3"),
     (lambda c: TensorDataModule(x=X3, y=Y3, classes="01"), "classes must be a non-empty list of labels"),
     (lambda c: TensorDataModule(x=X3, y=Y3, classes=[1.0]), r"unknown class 1.0 in classes=\[1.0\]"),

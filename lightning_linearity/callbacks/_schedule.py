@@ -27,6 +27,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from lightning_linearity._text import short_repr
+
 
 def log_spaced_steps(per_decade: int, up_to: int) -> list[int]:
     """The distinct steps round(10^(j / per_decade)), j = 0, 1, ..., up to ``up_to`` (1, 2, 3, 6, 10, ...)."""
@@ -119,7 +121,7 @@ def check_steps(steps: Sequence[int] | None) -> tuple[int, ...]:
     if steps is None:
         return ()
     if isinstance(steps, str | bytes) or not isinstance(steps, Sequence):
-        raise ValueError(f"steps must be a list of non-negative integers, got {steps!r}")
+        raise ValueError(f"steps must be a list of non-negative integers, got {short_repr(steps)}")
     for step in steps:
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"steps must be a list of non-negative integers, got {list(steps)!r}")

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from lightning_linearity import keys
 from lightning_linearity._compat import MisconfigurationException
+from lightning_linearity._text import short_repr
 from lightning_linearity.callbacks._probe import ProbeSet
 from lightning_linearity.metrics import (
     ENGINE_METHODS,
@@ -108,7 +109,7 @@ def _check_positive_int(name: str, value: Any, allow_none: bool = True) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(
-            f"{name} must be a positive integer{' or None' if allow_none else ''}, got {value!r}"
+            f"{name} must be a positive integer{' or None' if allow_none else ''}, got {short_repr(value)}"
         )
 
 
@@ -164,7 +165,7 @@ class KernelChangeOptions:
 
     def __post_init__(self) -> None:
         if self.ord not in ("spectral", "fro"):
-            raise ValueError(f"ord must be 'spectral' or 'fro', got {self.ord!r}")
+            raise ValueError(f"ord must be 'spectral' or 'fro', got {short_repr(self.ord)}")
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,7 @@ class KernelRegimeOptions:
 
     def __post_init__(self) -> None:
         if self.ord not in ("spectral", "fro"):
-            raise ValueError(f"ord must be 'spectral' or 'fro', got {self.ord!r}")
+            raise ValueError(f"ord must be 'spectral' or 'fro', got {short_repr(self.ord)}")
 
 
 @dataclass(frozen=True)
@@ -197,9 +198,9 @@ class SharpnessOptions:
 
     def __post_init__(self) -> None:
         if self.loss not in ("mse", "cross_entropy"):
-            raise ValueError(f"loss must be 'mse' or 'cross_entropy', got {self.loss!r}")
+            raise ValueError(f"loss must be 'mse' or 'cross_entropy', got {short_repr(self.loss)}")
         if isinstance(self.tol, bool) or not isinstance(self.tol, int | float) or not 0 < self.tol < math.inf:
-            raise ValueError(f"tol must be a positive number, got {self.tol!r}")
+            raise ValueError(f"tol must be a positive number, got {short_repr(self.tol)}")
         _check_positive_int("max_iter", self.max_iter, allow_none=False)
 
 
@@ -243,10 +244,12 @@ class HessianOptions:
         _check_positive_int("num_neurons", self.num_neurons)
         _check_positive_int("max_iter", self.max_iter, allow_none=False)
         if isinstance(self.tol, bool) or not isinstance(self.tol, int | float) or not 0 < self.tol < math.inf:
-            raise ValueError(f"tol must be a positive number, got {self.tol!r}")
+            raise ValueError(f"tol must be a positive number, got {short_repr(self.tol)}")
         check_method(self.method)
         if not isinstance(self.eigenvector_shares, bool):
-            raise ValueError(f"eigenvector_shares must be True or False, got {self.eigenvector_shares!r}")
+            raise ValueError(
+                f"eigenvector_shares must be True or False, got {short_repr(self.eigenvector_shares)}"
+            )
         object.__setattr__(self, "layers", tuple(self.layers))
 
 
@@ -298,7 +301,7 @@ class LinearizationOptions:
         if budget is not None and (
             isinstance(budget, bool) or not isinstance(budget, int | float) or budget <= 0
         ):
-            raise ValueError(f"memory_budget_mb must be a positive number or None, got {budget!r}")
+            raise ValueError(f"memory_budget_mb must be a positive number or None, got {short_repr(budget)}")
 
 
 OPTIONS: dict[str, type] = {

@@ -25,6 +25,7 @@ from typing_extensions import override
 
 from lightning_linearity import keys
 from lightning_linearity._compat import Callback, MisconfigurationException, classes
+from lightning_linearity._text import short_repr
 from lightning_linearity.callbacks._distributed import agree, gather_rows, probe_share
 from lightning_linearity.callbacks._isolation import training_untouched
 from lightning_linearity.callbacks._probe import (
@@ -189,28 +190,30 @@ class LinearityMonitor(Callback):
         for name, value in periods.items():
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise MisconfigurationException(
-                    f"LinearityMonitor: {name} must be an integer >= 1 or None, got {value!r}"
+                    f"LinearityMonitor: {name} must be an integer >= 1 or None, got {short_repr(value)}"
                 )
         if probe_size is not None and (
             isinstance(probe_size, bool) or not isinstance(probe_size, int) or probe_size < 1
         ):
             raise MisconfigurationException(
-                f"LinearityMonitor: probe_size must be an integer >= 1, got {probe_size!r}"
+                f"LinearityMonitor: probe_size must be an integer >= 1, got {short_repr(probe_size)}"
             )
         if probe_selection not in PROBE_SELECTIONS:
             raise MisconfigurationException(
                 f"LinearityMonitor: probe_selection must be one of {PROBE_SELECTIONS}, "
-                f"got {probe_selection!r}"
+                f"got {short_repr(probe_selection)}"
             )
         if isinstance(seed, bool) or not isinstance(seed, int):
-            raise MisconfigurationException(f"LinearityMonitor: seed must be an integer, got {seed!r}")
+            raise MisconfigurationException(
+                f"LinearityMonitor: seed must be an integer, got {short_repr(seed)}"
+            )
         if dtype not in (None, "float32", "float64"):
             raise MisconfigurationException(
-                f"LinearityMonitor: dtype must be 'float32', 'float64' or None, got {dtype!r}"
+                f"LinearityMonitor: dtype must be 'float32', 'float64' or None, got {short_repr(dtype)}"
             )
         if on_error not in ("warn", "raise"):
             raise MisconfigurationException(
-                f"LinearityMonitor: on_error must be 'warn' or 'raise', got {on_error!r}"
+                f"LinearityMonitor: on_error must be 'warn' or 'raise', got {short_repr(on_error)}"
             )
         if max_overhead is not None and (
             isinstance(max_overhead, bool)
@@ -219,7 +222,7 @@ class LinearityMonitor(Callback):
         ):
             raise MisconfigurationException(
                 f"LinearityMonitor: max_overhead must be a fraction of the wall time in (0, 1), e.g. 0.1, "
-                f"or None, got {max_overhead!r}"
+                f"or None, got {short_repr(max_overhead)}"
             )
         try:
             self.steps = check_steps(steps)
@@ -228,7 +231,7 @@ class LinearityMonitor(Callback):
         if output_transform is not None and not callable(output_transform):
             raise MisconfigurationException(
                 f"LinearityMonitor: output_transform must be a callable picking the (n, k) tensor out of the "
-                f"model's output, e.g. lambda out: out[0]; got {output_transform!r}"
+                f"model's output, e.g. lambda out: out[0]; got {short_repr(output_transform)}"
             )
         self.output_transform = output_transform
         self.options = parse_metrics(metrics)
@@ -726,7 +729,8 @@ def _check_every_n_rounds(periods: Mapping[str, int] | None, options: Mapping[st
             )
         if isinstance(period, bool) or not isinstance(period, int) or period < 1:
             raise MisconfigurationException(
-                f"LinearityMonitor: every_n_rounds[{name!r}] must be an integer >= 1, got {period!r}"
+                f"LinearityMonitor: every_n_rounds[{name!r}] must be an integer >= 1, got "
+                f"{short_repr(period)}"
             )
     return periods
 

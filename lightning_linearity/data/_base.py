@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from typing_extensions import override
 
 from lightning_linearity._compat import LightningDataModule
+from lightning_linearity._text import short_repr
 from lightning_linearity.data._preprocess import check_int
 
 Task = Literal["classification", "regression"]
@@ -190,5 +191,5 @@ class InMemoryDataModule(LightningDataModule, ABC):
 
 def _check_bool(name: str, value: object) -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
+        raise ValueError(f"{name} must be True or False, got {short_repr(value)}")
     return value

@@ -13,6 +13,8 @@ from typing import Literal, get_args
 
 import numpy as np
 
+from lightning_linearity._text import short_repr
+
 Normalization = Literal["standard", "sphere", "none"]
 NORMALIZATIONS: tuple[str, ...] = get_args(Normalization)
 
@@ -32,7 +34,7 @@ def check_int(
     if not _is_int(value) or value < minimum or (maximum is not None and value > maximum):
         bound = f">= {minimum}" + ("" if maximum is None else f" and <= {_readable(maximum)}")
         allowed = f"an integer {bound}" + (" or None" if allow_none else "")
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+        raise ValueError(f"{name} must be {allowed}, got {short_repr(value)}")
     return int(value)
 
 
@@ -58,7 +60,7 @@ def check_float32(array: np.ndarray, what: str, fix: str) -> np.ndarray:
 def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
     """Return ``value`` if it is one of ``choices``, else raise a ``ValueError`` listing them."""
     if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+        raise ValueError(f"{name} must be one of {list(choices)}, got {short_repr(value)}")
     return value
 
 
@@ -78,7 +80,7 @@ def check_class_indices(classes: Sequence[object] | None, num_total: int, *, sou
     if isinstance(classes, str | bytes) or not isinstance(classes, Sequence) or len(classes) == 0:
         raise ValueError(
             f"classes must be a non-empty list of class indices in 0..{num_total - 1} of {source} "
-            f"(or None for all), got {classes!r}"
+            f"(or None for all), got {short_repr(classes)}"
         )
     resolved = []
     for c in classes:

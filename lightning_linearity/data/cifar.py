@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lightning_linearity._text import short_repr
 from lightning_linearity.data._base import InMemoryDataModule, Split
 from lightning_linearity.data._preprocess import (
     Normalization,
@@ -168,7 +169,7 @@ class CIFAR10DataModule(InMemoryDataModule):
         )
         self.save_hyperparameters()
         if not isinstance(data_dir, str | Path):
-            raise ValueError(f"data_dir must be a folder path (str), got {data_dir!r}")
+            raise ValueError(f"data_dir must be a folder path (str), got {short_repr(data_dir)}")
         self.data_dir = Path(data_dir).expanduser()
         if not self.data_dir.is_dir():
             raise FileNotFoundError(
@@ -195,7 +196,8 @@ class CIFAR10DataModule(InMemoryDataModule):
             return list(range(NUM_CLASSES))
         if isinstance(classes, str | bytes) or not isinstance(classes, Sequence) or len(classes) == 0:
             raise ValueError(
-                f"classes must be a non-empty list of CIFAR-10 class names or indices, got {classes!r}"
+                "classes must be a non-empty list of CIFAR-10 class names or indices, got "
+                f"{short_repr(classes)}"
             )
         resolved = []
         for c in classes:

@@ -8,6 +8,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from lightning_linearity._text import short_repr
 from lightning_linearity.data._base import InMemoryDataModule, Split
 from lightning_linearity.data._preprocess import check_choice, check_float32, check_int
 
@@ -102,7 +103,7 @@ class GaussianDataModule(InMemoryDataModule):
         targets = check_int("out_features", out_features, minimum=1)
         self.teacher_width = check_int("teacher_width", teacher_width, minimum=1)
         if isinstance(noise, bool) or not isinstance(noise, int | float) or not 0 <= noise < math.inf:
-            raise ValueError(f"noise must be a finite float >= 0, got {noise!r}")
+            raise ValueError(f"noise must be a finite float >= 0, got {short_repr(noise)}")
         self.noise = float(noise)
         self._declare(dim, target_dim=targets)
 

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_linearity._text import short_repr
 from lightning_linearity.data._base import InMemoryDataModule, Split
 from lightning_linearity.data._preprocess import (
     Normalization,
@@ -190,8 +191,10 @@ class TensorDataModule(InMemoryDataModule):
         if (path is None) == (x is None and y is None):
             raise ValueError("give either path (a .npz / .pt file) or both x and y, not both and not neither")
         if path is not None:
+            if isinstance(path, torch.Tensor | np.ndarray):
+                raise ValueError("path must be a file path; pass in-memory data as x=..., y=... (keywords)")
             if not isinstance(path, str | Path):
-                raise ValueError(f"path must be a file path (str), got {path!r}")
+                raise ValueError(f"path must be a file path (str), got {short_repr(path)}")
             source = str(Path(path).expanduser())
             x, y = load_xy_file(path, x_key, y_key)
         else:
@@ -200,7 +203,7 @@ class TensorDataModule(InMemoryDataModule):
                 raise ValueError("in-memory data needs both x and y")
         self.source = source
         if not isinstance(flatten, bool):
-            raise ValueError(f"flatten must be True or False, got {flatten!r}")
+            raise ValueError(f"flatten must be True or False, got {short_repr(flatten)}")
         x = _to_numpy("x", x, source)
         #: the shape of one sample as the loaders yield it
         self.input_shape: tuple[int, ...] = (math.prod(x.shape[1:]),) if flatten else tuple(x.shape[1:])
@@ -271,7 +274,9 @@ class TensorDataModule(InMemoryDataModule):
                     f"{src}: give classes or num_classes, not both (classes fixes C = len(classes))"
                 )
             if isinstance(classes, str | bytes) or not isinstance(classes, Sequence) or len(classes) == 0:
-                raise ValueError(f"{src}: classes must be a non-empty list of labels, got {classes!r}")
+                raise ValueError(
+                    f"{src}: classes must be a non-empty list of labels, got {short_repr(classes)}"
+                )
             for c in classes:
                 if isinstance(c, bool) or not isinstance(c, int | np.integer) or c not in present:
                     raise ValueError(

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _NormBase
 
+from lightning_linearity._text import short_repr
 from lightning_linearity.nets.network import LayeredNTKNet
 
 Params = dict[str, Tensor]
@@ -236,7 +237,7 @@ def check_chunk_size(chunk_size: int | None) -> None:
     if chunk_size is not None and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
     ):
-        raise ValueError(f"chunk_size must be None or a positive integer, got {chunk_size!r}")
+        raise ValueError(f"chunk_size must be None or a positive integer, got {short_repr(chunk_size)}")
 
 
 def check_probes(x: Tensor, x2: Tensor | None = None) -> None:

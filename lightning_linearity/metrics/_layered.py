@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_linearity._text import short_repr
 from lightning_linearity.metrics._functional import as_layered_net, check_output, evaluation_error
 from lightning_linearity.nets.dag import dense_source_sizes
 from lightning_linearity.nets.layers import NTKLinear
@@ -32,7 +33,7 @@ def check_method(method: str, allowed: tuple[str, ...] = METHODS) -> None:
     :data:`ENGINE_METHODS` for the metrics with an engine route: the NTK and the neuron cosines)."""
     if not isinstance(method, str) or method not in allowed:
         names = ", ".join(repr(name) for name in allowed[:-1]) + f" or {allowed[-1]!r}"
-        raise ValueError(f"method must be {names}, got {method!r}")
+        raise ValueError(f"method must be {names}, got {short_repr(method)}")
 
 
 def structured_net(model: nn.Module, *, required: bool) -> LayeredNTKNet | None:

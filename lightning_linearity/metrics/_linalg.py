@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_linearity._text import short_repr
+
 BatchedMatvec = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -55,9 +57,9 @@ class EigenResult:
 def check_solver_options(tol: float, max_iter: int) -> None:
     """Raise ``ValueError`` unless ``tol > 0`` is a finite float and ``max_iter`` a positive integer."""
     if isinstance(tol, bool) or not isinstance(tol, int | float) or not 0.0 < tol < float("inf"):
-        raise ValueError(f"tol must be a positive finite number, got {tol!r}")
+        raise ValueError(f"tol must be a positive finite number, got {short_repr(tol)}")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
+        raise ValueError(f"max_iter must be a positive integer, got {short_repr(max_iter)}")
 
 
 def chunk_slices(n: int, chunk_size: int | None) -> list[slice]:
@@ -65,7 +67,7 @@ def chunk_slices(n: int, chunk_size: int | None) -> list[slice]:
     if chunk_size is None:
         return [slice(0, n)]
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+        raise ValueError(f"chunk_size must be a positive integer or None, got {short_repr(chunk_size)}")
     return [slice(start, min(start + chunk_size, n)) for start in range(0, n, chunk_size)]
 
 
@@ -357,7 +359,7 @@ def lanczos_largest(
     """
     check_solver_options(tol, max_iter)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= dim:
-        raise ValueError(f"k must be an integer in 1..{dim} (the operator's dimension), got {k!r}")
+        raise ValueError(f"k must be an integer in 1..{dim} (the operator's dimension), got {short_repr(k)}")
     steps = min(max(max_iter, k), dim)
     q = random_unit_vectors(1, dim, generator=generator, dtype=dtype, device=device)
     q_previous, beta = torch.zeros_like(q), torch.zeros(1, dtype=dtype, device=device)

@@ -59,6 +59,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_linearity._text import short_repr
 from lightning_linearity.metrics._functional import check_probes
 from lightning_linearity.metrics._layered import source_columns, structured_net, trainable_flags
 from lightning_linearity.nets.activations import get_activation
@@ -118,7 +119,7 @@ def gaussian_moments(
     """
     act = get_activation(activation)
     if method not in ("auto", "closed_form", "quadrature"):
-        raise ValueError(f"method must be 'auto', 'closed_form' or 'quadrature', got {method!r}")
+        raise ValueError(f"method must be 'auto', 'closed_form' or 'quadrature', got {short_repr(method)}")
     if method == "closed_form" and act.name not in _CLOSED_FORMS:
         raise ValueError(
             f"no closed form for activation {act.name!r} (only {list(_CLOSED_FORMS)}); "
@@ -165,7 +166,7 @@ def _quadrature_moments(
     if step is not None and (
         isinstance(step, bool) or not isinstance(step, int | float) or not 0.0 < step <= 1.0
     ):
-        raise ValueError(f"step must be a number in (0, 1], got {step!r}")
+        raise ValueError(f"step must be a number in (0, 1], got {short_repr(step)}")
     scale1, scale2 = var1.clamp_min(0.0).sqrt(), var2.clamp_min(0.0).sqrt()
     _, rho = _correlation(var1, cov, var2)
     orth = (1.0 - rho * rho).clamp_min(0.0).sqrt()
@@ -317,7 +318,7 @@ def limit_kernels(
 ) -> tuple[Tensor, Tensor]:
     """(Sigma, Theta) of the output layer in float64 (Theta is zeros when ``need_ntk`` is False)."""
     if fan_in not in ("limit", "network"):
-        raise ValueError(f"fan_in must be 'limit' or 'network', got {fan_in!r}")
+        raise ValueError(f"fan_in must be 'limit' or 'network', got {short_repr(fan_in)}")
     symmetric = x2 is None
     x = x.detach().to(torch.float64)
     x2 = x.clone() if x2 is None else x2.detach().to(device=x.device, dtype=torch.float64)

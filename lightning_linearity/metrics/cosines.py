@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import jacrev, vmap
 
+from lightning_linearity._text import short_repr
 from lightning_linearity.metrics._functional import (
     Params,
     as_layered_net,
@@ -153,11 +154,13 @@ def neuron_gradient_cosines(
     """
     check_method(method, ENGINE_METHODS)
     if reduction not in ("mean", "none"):
-        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+        raise ValueError(f"reduction must be 'mean' or 'none', got {short_repr(reduction)}")
     if num_neurons is not None and (
         isinstance(num_neurons, bool) or not isinstance(num_neurons, int) or num_neurons < 2
     ):
-        raise ValueError(f"num_neurons must be None or an integer >= 2 (a pair), got {num_neurons!r}")
+        raise ValueError(
+            f"num_neurons must be None or an integer >= 2 (a pair), got {short_repr(num_neurons)}"
+        )
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     check_chunk_size(chunk_size)

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
 
+from lightning_linearity._text import short_repr
 from lightning_linearity.metrics._chain import LinearChain, linear_chain
 from lightning_linearity.metrics._functional import (
     Params,
@@ -190,7 +191,7 @@ def hessian_spectral_norm(
     if eigenvector_shares and layer is not None:
         raise ValueError("eigenvector_shares is only defined for the network output; pass layer=None")
     if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {short_repr(reduction)}")
     check_solver_options(tol, max_iter)
     check_method(method)
     params = trainable_parameters(model)
@@ -480,7 +481,7 @@ def _check_columns(columns: Sequence[int] | None, q: int) -> Tensor:
         or any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < q for c in picked)
         or len(set(picked)) != len(picked)
     ):
-        raise ValueError(f"columns must be distinct integers in 0..{q - 1}, got {columns!r}")
+        raise ValueError(f"columns must be distinct integers in 0..{q - 1}, got {short_repr(columns)}")
     return torch.tensor(picked, dtype=torch.long)
 
 
@@ -489,6 +490,8 @@ def _sample_neurons(size: int, num_neurons: int | None, generator: torch.Generat
     if num_neurons is None:
         return torch.arange(size)
     if isinstance(num_neurons, bool) or not isinstance(num_neurons, int) or not 0 < num_neurons <= size:
-        raise ValueError(f"num_neurons must be an integer in 1..{size} (the layer size), got {num_neurons!r}")
+        raise ValueError(
+            f"num_neurons must be an integer in 1..{size} (the layer size), got {short_repr(num_neurons)}"
+        )
     sample = torch.randperm(size, generator=generator, device=generator.device)[:num_neurons]
     return sample.sort().values

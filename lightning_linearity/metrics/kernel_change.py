@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lightning_linearity._text import short_repr
 from lightning_linearity.metrics._functional import check_finite
 
 __all__ = ["relative_kernel_change"]
@@ -39,7 +40,7 @@ def relative_kernel_change(kernel_t: Tensor, kernel_0: Tensor, ord: Norm = "spec
         FloatingPointError: NaN or inf in either kernel.
     """
     if not isinstance(ord, str) or ord not in _MATRIX_NORM_ORD:
-        raise ValueError(f"ord must be 'spectral' or 'fro', got {ord!r}")
+        raise ValueError(f"ord must be 'spectral' or 'fro', got {short_repr(ord)}")
     for name, kernel in (("kernel_t", kernel_t), ("kernel_0", kernel_0)):
         if not isinstance(kernel, Tensor) or kernel.dim() != 2:
             shape = tuple(kernel.shape) if isinstance(kernel, Tensor) else type(kernel).__name__

@@ -54,6 +54,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import jacrev, jvp, vjp, vmap
 
+from lightning_linearity._text import short_repr
 from lightning_linearity.metrics._functional import (
     Params,
     check_chunk_size,
@@ -144,7 +145,7 @@ def empirical_ntk(
         FloatingPointError: NaN or inf in the model output or in K.
     """
     if generic_impl not in ("jacobian", "ntk_vp"):
-        raise ValueError(f"generic_impl must be 'jacobian' or 'ntk_vp', got {generic_impl!r}")
+        raise ValueError(f"generic_impl must be 'jacobian' or 'ntk_vp', got {short_repr(generic_impl)}")
     check_chunk_size(chunk_size)
     check_probes(x, x2)
     params = trainable_parameters(model)

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import grad, jvp, vjp
 
+from lightning_linearity._text import short_repr
 from lightning_linearity.metrics._functional import (
     Params,
     check_differentiable,
@@ -158,18 +159,20 @@ def loss_sharpness(
             model cannot take, or a model with no trainable parameters.
     """
     if loss not in ("mse", "cross_entropy"):
-        raise ValueError(f"loss must be 'mse' or 'cross_entropy', got {loss!r}")
+        raise ValueError(f"loss must be 'mse' or 'cross_entropy', got {short_repr(loss)}")
     if reduction is None:
         reduction = "sum" if loss == "mse" else "mean"
     if reduction not in ("sum", "mean"):
-        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {short_repr(reduction)}")
     if not isinstance(y, Tensor):
         raise ValueError(f"y must be a tensor of targets, got {type(y).__name__}")
     check_probes(x)
     params = trainable_parameters(model)
     size = num_parameters(params)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= size:
-        raise ValueError(f"k must be an integer in 1..{size} (the number of trainable parameters), got {k!r}")
+        raise ValueError(
+            f"k must be an integer in 1..{size} (the number of trainable parameters), got {short_repr(k)}"
+        )
     out = evaluate(model, x)
     if y.shape[0] != out.shape[0]:
         raise ValueError(

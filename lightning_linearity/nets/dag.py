@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_linearity._text import short_repr
+
 # Tags that separate the random streams derived from one user seed (see `derived_generator`).
 MASK_STREAM = 0x6D61736B  # "mask"
 WEIGHT_STREAM = 0x77656967  # "weig"
@@ -139,10 +141,10 @@ def layer_edges(
     seen_edges: set[tuple[Hashable, Hashable]] = set()
     first_seen: dict[Hashable, int] = {}
     if isinstance(edges, str | bytes) or not isinstance(edges, Iterable):
-        raise ValueError(f"edges must be a list of (u, v) pairs, got {edges!r}")
+        raise ValueError(f"edges must be a list of (u, v) pairs, got {short_repr(edges)}")
     for edge in edges:
         if isinstance(edge, str | bytes) or not isinstance(edge, Sized) or len(edge) != 2:
-            raise ValueError(f"each edge must be a pair (u, v); got {edge!r}")
+            raise ValueError(f"each edge must be a pair (u, v); got {short_repr(edge)}")
         u, v = edge
         for w in (u, v):
             _check_vertex(w, f"edge {edge!r}")
@@ -241,7 +243,9 @@ def _check_terminals(
     if given is None:
         return _ordered(candidates, first_seen)
     if isinstance(given, str | bytes) or not isinstance(given, Iterable):
-        raise ValueError(f"`{kind}s` must be a list of vertices, got {given!r}; e.g. write [{given!r}]")
+        raise ValueError(
+            f"`{kind}s` must be a list of vertices, got {short_repr(given)}; e.g. write [{given!r}]"
+        )
     given = list(given)
     for w in given:
         _check_vertex(w, f"`{kind}s`")

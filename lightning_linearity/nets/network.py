@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_linearity._text import short_repr
 from lightning_linearity.nets._checks import check_flag, check_positive_int, check_seed, check_widths
 from lightning_linearity.nets.activations import get_activation
 from lightning_linearity.nets.dag import (
@@ -87,7 +88,7 @@ class LayeredNTKNet(nn.Module):
         if seed is not None:
             seed = check_seed("seed (the models' init_seed)", seed)
         if connectivity not in ("chain", "dense"):
-            raise ValueError(f"connectivity must be 'chain' or 'dense', got {connectivity!r}")
+            raise ValueError(f"connectivity must be 'chain' or 'dense', got {short_repr(connectivity)}")
         self.connectivity = connectivity
         self.activation = get_activation(activation)
         depth = len(self.hidden_widths)
@@ -233,7 +234,7 @@ class LayeredNTKNet(nn.Module):
             or not isinstance(drop_prob, int | float)
             or not 0.0 <= drop_prob < 1.0
         ):
-            raise ValueError(f"drop_prob must be in [0, 1), got {drop_prob!r}")
+            raise ValueError(f"drop_prob must be in [0, 1), got {short_repr(drop_prob)}")
         if mask_seed is None:
             mask_seed = int(torch.randint(0, 2**62, (1,), device="cpu").item())
         mask_seed = check_seed("mask_seed", mask_seed)

@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from lightning_linearity._text import short_repr
 from lightning_linearity.sweeps.fit import is_monotone_decreasing, width_means
 from lightning_linearity.sweeps.report import (
     CorrectedFit,
@@ -59,7 +60,9 @@ class Claim:
             ValueError: unknown keys, a column the sweep does not collect, no test, a bad slope range.
         """
         if not isinstance(raw, Mapping):
-            raise ValueError(f"a claim must be a mapping with keys out of {list(_FIELDS)}, got {raw!r}")
+            raise ValueError(
+                f"a claim must be a mapping with keys out of {list(_FIELDS)}, got {short_repr(raw)}"
+            )
         unknown = sorted(set(raw) - set(_FIELDS))
         if unknown:
             raise ValueError(f"claim {dict(raw)}: unknown key(s) {unknown}; valid keys: {list(_FIELDS)}")
@@ -71,13 +74,17 @@ class Claim:
         slope, log_power = (_range(raw, key, column) for key in ("slope", "log_power"))
         decreasing = raw.get("decreasing", False)
         if not isinstance(decreasing, bool):
-            raise ValueError(f"claim about {column!r}: decreasing must be true or false, got {decreasing!r}")
+            raise ValueError(
+                f"claim about {column!r}: decreasing must be true or false, got {short_repr(decreasing)}"
+            )
         for key in ("at_least", "at_most"):
             if raw.get(key) is not None and not _is_number(raw[key]):
                 raise ValueError(f"claim about {column!r}: {key} must be a number, got {raw[key]!r}")
         min_width = raw.get("min_width")
         if min_width is not None and (isinstance(min_width, bool) or not isinstance(min_width, int)):
-            raise ValueError(f"claim about {column!r}: min_width must be an integer, got {min_width!r}")
+            raise ValueError(
+                f"claim about {column!r}: min_width must be an integer, got {short_repr(min_width)}"
+            )
         claim = cls(
             column=column,
             paper=str(raw.get("paper", "")),
@@ -109,7 +116,9 @@ def _range(raw: Mapping[str, Any], key: str, column: str) -> tuple[float, float]
         or not all(_is_number(bound) for bound in bounds)
         or not bounds[0] <= bounds[1]
     ):
-        raise ValueError(f"claim about {column!r}: {key} must be a range [low, high], got {bounds!r}")
+        raise ValueError(
+            f"claim about {column!r}: {key} must be a range [low, high], got {short_repr(bounds)}"
+        )
     return float(bounds[0]), float(bounds[1])
 
 

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from lightning_linearity import keys
+from lightning_linearity._text import short_repr
 
 LOSS_KEY = "train/loss"
 REDUCTIONS = ("init", "last", "max", "min")
@@ -172,7 +173,7 @@ def parse_metric_spec(text: str, mode: str = "train") -> MetricSpec:
             only moves with training in mode ``"init"`` (or a reduction other than ``init`` there).
     """
     if not isinstance(text, str) or not text:
-        raise ValueError(f"a metric must be a string 'name' or 'name:reduction', got {text!r}")
+        raise ValueError(f"a metric must be a string 'name' or 'name:reduction', got {short_repr(text)}")
     name, _, reduction = text.partition(":")
     base, slash, layer = name.partition("/")
     if base not in QUANTITIES:

@@ -24,6 +24,7 @@ import numpy as np
 import yaml
 
 from lightning_linearity._compat import MisconfigurationException
+from lightning_linearity._text import short_repr
 from lightning_linearity.callbacks.linearity_monitor import LinearityMonitor
 from lightning_linearity.sweeps.collect import check_metric_specs, curve_specs, monitor_metrics
 from lightning_linearity.sweeps.fit import CI_METHODS, MIN_WIDTHS
@@ -62,12 +63,6 @@ class SweepError(ValueError):
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _short(value: object, limit: int = 200) -> str:
-    """``repr(value)`` on one line, cut at ``limit`` characters (a numpy array's repr spans lines)."""
-    text = " ".join(repr(value).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _as_list(value: object) -> object:
@@ -201,11 +196,11 @@ class SweepConfig:
             plain = name in ("widths", "seeds", "frozen_layers")
             value = _as_list(getattr(self, name)) if plain else getattr(self, name)
             if isinstance(value, str | bytes) or not isinstance(value, Sequence):
-                raise SweepError(f"{name} must be a list, got {_short(value)}")
+                raise SweepError(f"{name} must be a list, got {short_repr(value)}")
             object.__setattr__(self, name, tuple(value))
         for name in ("model_args", "data", "monitor_args"):
             if not isinstance(getattr(self, name), Mapping):
-                raise SweepError(f"{name} must be a mapping, got {_short(getattr(self, name))}")
+                raise SweepError(f"{name} must be a mapping, got {short_repr(getattr(self, name))}")
             object.__setattr__(self, name, _plain(getattr(self, name)))
         self._check()
 
@@ -234,9 +229,9 @@ class SweepConfig:
                 f"got {list(self.frozen_layers)!r}"
             )
         if self.model not in MODELS:
-            raise SweepError(f"model must be one of {list(MODELS)}, got {self.model!r}")
+            raise SweepError(f"model must be one of {list(MODELS)}, got {short_repr(self.model)}")
         if self.mode not in MODES:
-            raise SweepError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
+            raise SweepError(f"mode must be one of {list(MODES)}, got {short_repr(self.mode)}")
         reserved = sorted(set(self.model_args) & set(RESERVED_MODEL_ARGS))
         if reserved:
             raise SweepError(f"model_args must not set {reserved}: the sweep sets them per run")
@@ -244,7 +239,7 @@ class SweepConfig:
         if template is not None and (not isinstance(template, list) or WIDTH_PLACEHOLDER not in template):
             raise SweepError(
                 f"model_args.widths must be a list containing the placeholder {WIDTH_PLACEHOLDER!r} for the "
-                f"swept width, e.g. [1000, {WIDTH_PLACEHOLDER}, 1000]; got {template!r}"
+                f"swept width, e.g. [1000, {WIDTH_PLACEHOLDER}, 1000]; got {short_repr(template)}"
             )
         if self.data.get("name") not in DATA:
             raise SweepError(f"data.name must be one of {list(DATA)}, got {self.data.get('name')!r}")
@@ -252,11 +247,15 @@ class SweepConfig:
         if reserved:
             raise SweepError(f"data must not set {reserved}: a sweep trains with full-batch gradient descent")
         if not _is_int(self.max_steps) or self.max_steps < 1:
-            raise SweepError(f"max_steps must be a positive integer, got {self.max_steps!r}")
+            raise SweepError(f"max_steps must be a positive integer, got {short_repr(self.max_steps)}")
         if self.every_n_steps is not None and (not _is_int(self.every_n_steps) or self.every_n_steps < 1):
-            raise SweepError(f"every_n_steps must be a positive integer or null, got {self.every_n_steps!r}")
+            raise SweepError(
+                f"every_n_steps must be a positive integer or null, got {short_repr(self.every_n_steps)}"
+            )
         if self.loss_threshold is not None and not _positive(self.loss_threshold):
-            raise SweepError(f"loss_threshold must be a positive number or null, got {self.loss_threshold!r}")
+            raise SweepError(
+                f"loss_threshold must be a positive number or null, got {short_repr(self.loss_threshold)}"
+            )
         if (self.lr is None) == (self.lr_scale is None):
             raise SweepError(
                 "give exactly one of lr (a fixed step size) and lr_scale (eta = lr_scale / lambda_max(K_0))"
@@ -264,31 +263,37 @@ class SweepConfig:
         for name in ("lr", "lr_scale"):
             value = getattr(self, name)
             if value is not None and not _positive(value):
-                raise SweepError(f"{name} must be a positive number, got {value!r}")
+                raise SweepError(f"{name} must be a positive number, got {short_repr(value)}")
         if not _is_int(self.jobs) or self.jobs < 1:
-            raise SweepError(f"jobs must be a positive integer, got {self.jobs!r}")
+            raise SweepError(f"jobs must be a positive integer, got {short_repr(self.jobs)}")
         if self.threads is not None and (not _is_int(self.threads) or self.threads < 1):
-            raise SweepError(f"threads must be a positive integer or null, got {self.threads!r}")
+            raise SweepError(f"threads must be a positive integer or null, got {short_repr(self.threads)}")
         if self.reference_slope is not None and (
             not isinstance(self.reference_slope, int | float)
             or isinstance(self.reference_slope, bool)
             or not math.isfinite(self.reference_slope)
         ):
-            raise SweepError(f"reference_slope must be a number or null, got {self.reference_slope!r}")
+            raise SweepError(
+                f"reference_slope must be a number or null, got {short_repr(self.reference_slope)}"
+            )
         if self.fit_against not in FIT_AGAINST:
-            raise SweepError(f"fit_against must be one of {list(FIT_AGAINST)}, got {self.fit_against!r}")
+            raise SweepError(
+                f"fit_against must be one of {list(FIT_AGAINST)}, got {short_repr(self.fit_against)}"
+            )
         if self.ci not in CI_METHODS:
-            raise SweepError(f"ci must be one of {list(CI_METHODS)}, got {self.ci!r}")
+            raise SweepError(f"ci must be one of {list(CI_METHODS)}, got {short_repr(self.ci)}")
         if not _positive(self.confidence) or self.confidence >= 1:
-            raise SweepError(f"confidence must be in (0, 1), got {self.confidence!r}")
+            raise SweepError(f"confidence must be in (0, 1), got {short_repr(self.confidence)}")
         if not isinstance(self.out, str | Path) or not str(self.out).strip():
-            raise SweepError(f"out must be an output folder path (a non-empty string), got {self.out!r}")
+            raise SweepError(
+                f"out must be an output folder path (a non-empty string), got {short_repr(self.out)}"
+            )
         if not isinstance(self.name, str):
-            raise SweepError(f"name must be a string (the sweep's title), got {self.name!r}")
+            raise SweepError(f"name must be a string (the sweep's title), got {short_repr(self.name)}")
         if not isinstance(self.progress, bool):
-            raise SweepError(f"progress must be true or false, got {self.progress!r}")
+            raise SweepError(f"progress must be true or false, got {short_repr(self.progress)}")
         if not isinstance(self.log_corrected, bool):
-            raise SweepError(f"log_corrected must be true or false, got {self.log_corrected!r}")
+            raise SweepError(f"log_corrected must be true or false, got {short_repr(self.log_corrected)}")
         if self.log_corrected and self.reference_slope is None:
             raise SweepError(
                 "log_corrected needs reference_slope, the exponent alpha fixed in one of its fits"
@@ -297,11 +302,13 @@ class SweepConfig:
             if not isinstance(options, Mapping):
                 raise SweepError(
                     f"monitor_args[{metric!r}] must be a mapping of that metric's options, e.g. "
-                    f"{{max_iter: 200}}; got {options!r}"
+                    f"{{max_iter: 200}}; got {short_repr(options)}"
                 )
         for claim in self.claims:
             if not isinstance(claim, Mapping):
-                raise SweepError(f"each claim must be a mapping (column, slope, ...), got {claim!r}")
+                raise SweepError(
+                    f"each claim must be a mapping (column, slope, ...), got {short_repr(claim)}"
+                )
         if Path(self.out).exists() and not Path(self.out).is_dir():
             raise SweepError(f"the output folder {self.out!r} is a file; give a folder path")
         try:
@@ -393,7 +400,7 @@ def load_config_file(path: str | Path, profile: str | None = None) -> dict[str, 
             :data:`MAX_CONFIG_VALUES` values (all in one line).
     """
     if not isinstance(path, str | Path):
-        raise SweepError(f"the config path must be a file path (str), got {path!r}")
+        raise SweepError(f"the config path must be a file path (str), got {short_repr(path)}")
     path = Path(path)
     where = f"config file {str(path)!r}"
     if path.is_dir():
@@ -417,7 +424,7 @@ def load_config_file(path: str | Path, profile: str | None = None) -> dict[str, 
     profiles = raw.pop("profiles", None) or {}
     check_fields(raw, where)
     if not isinstance(profiles, Mapping):
-        raise SweepError(f"{where}: profiles must be a mapping name -> overrides, got {_short(profiles)}")
+        raise SweepError(f"{where}: profiles must be a mapping name -> overrides, got {short_repr(profiles)}")
     if profile is not None:
         if profile not in profiles:
             names = sorted(map(str, profiles))
@@ -425,7 +432,8 @@ def load_config_file(path: str | Path, profile: str | None = None) -> dict[str, 
         overrides = profiles[profile]
         if not isinstance(overrides, Mapping):
             raise SweepError(
-                f"{where}: profile {profile!r} must be a mapping of field overrides, got {_short(overrides)}"
+                f"{where}: profile {profile!r} must be a mapping of field overrides, got "
+                f"{short_repr(overrides)}"
             )
         check_fields(overrides, f"profile {profile!r}")
         raw.update(overrides)
@@ -441,7 +449,7 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
 
 def check_fields(values: Mapping[str, Any], where: str) -> None:
     if not isinstance(values, Mapping):
-        raise SweepError(f"{where} must be a mapping of sweep fields, got {_short(values)}")
+        raise SweepError(f"{where} must be a mapping of sweep fields, got {short_repr(values)}")
     unknown = sorted(set(values) - set(CONFIG_FIELDS), key=repr)
     if unknown:
         raise SweepError(f"{where}: unknown field(s) {unknown}; valid fields: {list(CONFIG_FIELDS)}")

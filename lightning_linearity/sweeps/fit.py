@@ -38,6 +38,8 @@ from typing import Literal
 import numpy as np
 from scipy import stats
 
+from lightning_linearity._text import short_repr
+
 CIMethod = Literal["t", "bootstrap"]
 CI_METHODS: tuple[str, ...] = ("t", "bootstrap")
 #: The fewest distinct widths a slope is fitted on.
@@ -125,9 +127,9 @@ def fit_loglog(
     if num_widths < MIN_WIDTHS:
         raise ValueError(f"a slope fit needs at least {MIN_WIDTHS} distinct widths, got {num_widths}")
     if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+        raise ValueError(f"confidence must be in (0, 1), got {short_repr(confidence)}")
     if method not in CI_METHODS:
-        raise ValueError(f"method must be one of {list(CI_METHODS)}, got {method!r}")
+        raise ValueError(f"method must be one of {list(CI_METHODS)}, got {short_repr(method)}")
 
     u, v = np.log(m), np.log(y)
     slope, intercept = _least_squares(u, v)
@@ -143,7 +145,7 @@ def fit_loglog(
         low, high = slope - half, slope + half
     else:
         if num_bootstrap < 1:
-            raise ValueError(f"num_bootstrap must be a positive integer, got {num_bootstrap!r}")
+            raise ValueError(f"num_bootstrap must be a positive integer, got {short_repr(num_bootstrap)}")
         low, high = _bootstrap_interval(u, v, alpha, num_bootstrap, np.random.default_rng(seed))
     return SlopeFit(slope, intercept, low, high, confidence, method, len(u), num_widths, r_squared)
 
@@ -256,9 +258,9 @@ def fit_log_corrected(
     if num_widths < MIN_WIDTHS:
         raise ValueError(f"a log-corrected fit needs at least {MIN_WIDTHS} distinct widths, got {num_widths}")
     if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+        raise ValueError(f"confidence must be in (0, 1), got {short_repr(confidence)}")
     if slope is not None and (isinstance(slope, bool) or not np.isfinite(slope)):
-        raise ValueError(f"slope must be a finite number or None (fitted), got {slope!r}")
+        raise ValueError(f"slope must be a finite number or None (fitted), got {short_repr(slope)}")
 
     u, v = np.log(m), np.log(y)
     columns = [np.ones_like(u), np.log(u)] if slope is not None else [np.ones_like(u), u, np.log(u)]

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.nn.modules.dropout import _DropoutNd
 from torch.utils import _pytree as pytree
 
+from lightning_linearity._text import short_repr
 from lightning_linearity.metrics._functional import (
     as_2d_output,
     check_output,
@@ -281,7 +282,7 @@ def _force_route(site: Rule, route: str | None) -> None:
         return
     if route not in site.costs:
         raise ValueError(
-            f"routes[{site.name!r}] must be one of {sorted(site.costs)} for its rule, got {route!r}"
+            f"routes[{site.name!r}] must be one of {sorted(site.costs)} for its rule, got {short_repr(route)}"
         )
     site.route = route
 
